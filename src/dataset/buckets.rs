@@ -170,7 +170,11 @@ mod tests {
             step: 0,
         }
         .sanitized();
-        assert!(c.min_side >= c.step && c.max_side >= c.resolution && c.resolution.is_multiple_of(c.step));
+        assert!(
+            c.min_side >= c.step
+                && c.max_side >= c.resolution
+                && c.resolution.is_multiple_of(c.step)
+        );
         assert!(!c.buckets().is_empty());
     }
 }
