@@ -1,0 +1,596 @@
+//! The building blocks of our trainable networks.
+//!
+//! Every adaptable layer holds a frozen base weight and any number of LoRA adapters:
+//! `y = base(x) + Σ multiplier · alpha/rank · up(down(x))`. The base op is a custom op whose backward
+//! returns only the input gradient: candle's stock matmul/conv backward also computes a weight-sized gradient
+//! for the frozen weight, which doubles backward work and memory for nothing.
+//! Norms and softmax are written from differentiable primitives (candle's fused ones cut the gradient).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, D, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
+};
+use std::sync::OnceLock;
+
+/// `x @ wᵀ` for a 2-D `x` and a frozen `w` [out, in]; backward gives `dx = g @ w` only.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    fn fwd<S: BackendStorage>(&self, x: &S, l: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
+        let (m, k) = l.shape().dims2()?;
+        let n = wl.shape().dims2()?.0;
+        Ok((
+            x.matmul(w, (1, m, n, k), l, &wl.transpose(0, 1)?)?,
+            Shape::from((m, n)),
+        ))
+    }
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cpu(w) => self.fwd(s, l, w, wl),
+            _ => candle_core::bail!("frozen-linear: weight and input on different devices"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ws, wl) = self.w.storage_and_layout();
+        match &*ws {
+            Storage::Cuda(w) => self.fwd(s, l, w, wl),
+            _ => candle_core::bail!("frozen-linear: weight and input on different devices"),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.w)?))
+    }
+}
+
+/// Hands out a result computed outside the graph (`y`) and gives `x` the gradient of a frozen conv2d.
+/// (candle's conv parameters cannot be built outside candle, so the forward runs as a stock conv on a
+/// detached input and this op only carries the gradient; the cost is one copy of the output.)
+struct FrozenConv {
+    y: Tensor,
+    w: Tensor,
+    /// For stride 1: the kernel transposed (in↔out) and flipped, so dx is a plain conv.
+    w_flipped: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl FrozenConv {
+    /// dx of a conv: for stride 1 a conv with the transposed, flipped kernel (candle's conv_transpose2d is a
+    /// naive kernel on CUDA, ~12× slower); otherwise the transposed conv with the output padding that restores
+    /// the input size.
+    fn input_grad(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let (_, _, kh, _) = self.w.dims4()?;
+        if let Some(wf) = &self.w_flipped {
+            return g.conv2d(wf, kh - 1 - self.padding, 1, 1, 1);
+        }
+        let (_, _, h, _) = x.dims4()?;
+        let (_, _, gh, _) = g.dims4()?;
+        let out_pad = h - ((gh - 1) * self.stride + kh - 2 * self.padding);
+        g.conv_transpose2d(&self.w, self.padding, out_pad, self.stride, 1)
+    }
+
+    fn copy<S: BackendStorage>(&self, y: &S, l: &Layout) -> Result<(S, Shape)> {
+        Ok((y.try_clone(l)?, l.shape().clone()))
+    }
+}
+
+impl CustomOp1 for FrozenConv {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (ys, yl) = self.y.storage_and_layout();
+        match &*ys {
+            Storage::Cpu(y) => self.copy(y, yl),
+            _ => candle_core::bail!("frozen-conv2d: device mismatch"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (ys, yl) = self.y.storage_and_layout();
+        match &*ys {
+            Storage::Cuda(y) => self.copy(y, yl),
+            _ => candle_core::bail!("frozen-conv2d: device mismatch"),
+        }
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.input_grad(x, g)?))
+    }
+}
+
+fn frozen_linear(x2d: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let x2d = x2d.contiguous()?;
+    if !x2d.track_op() {
+        return x2d.matmul(&w.t()?);
+    }
+    x2d.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+fn flipped_kernel(w: &Tensor) -> Result<Tensor> {
+    w.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?.contiguous()
+}
+
+fn frozen_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    w_flipped: &OnceLock<Tensor>,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    let y = x.detach().conv2d(w, padding, stride, 1, 1)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let w_flipped = match (stride, w_flipped.get()) {
+        (1, Some(t)) => Some(t.clone()),
+        (1, None) => {
+            let t = flipped_kernel(w)?;
+            let _ = w_flipped.set(t.clone());
+            Some(t)
+        }
+        _ => None,
+    };
+    x.apply_op1(FrozenConv {
+        y,
+        w: w.clone(),
+        w_flipped,
+        stride,
+        padding,
+    })
+}
+
+/// What a LoRA adapter applies to: a linear layer, or a conv with the base layer's kernel, stride, padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterShape {
+    Linear,
+    Conv {
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    },
+}
+
+/// One LoRA adapter: `down` [r, in] or [r, in, k, k], `up` [out, r] or [out, r, 1, 1], kept in f32 (master
+/// weights) and cast to the compute dtype in forward.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub down: Var,
+    pub up: Var,
+    pub alpha: f64,
+    pub multiplier: f64,
+}
+
+impl Lora {
+    pub fn rank(&self) -> usize {
+        self.down.dim(0).unwrap_or(1)
+    }
+
+    pub fn scale(&self) -> f64 {
+        self.multiplier * self.alpha / self.rank().max(1) as f64
+    }
+
+    fn forward(&self, x: &Tensor, shape: AdapterShape) -> Result<Tensor> {
+        let dt = x.dtype();
+        let down = self.down.as_tensor().to_dtype(dt)?;
+        let up = self.up.as_tensor().to_dtype(dt)?;
+        let y = match shape {
+            AdapterShape::Linear => x.matmul(&down.t()?)?.matmul(&up.t()?)?,
+            AdapterShape::Conv {
+                stride, padding, ..
+            } => x
+                .conv2d(&down, padding, stride, 1, 1)?
+                .conv2d(&up, 0, 1, 1, 1)?,
+        };
+        y.affine(self.scale(), 0.0)
+    }
+
+    /// The change this adapter makes to the base weight (`scale · up @ down`), for merging.
+    pub fn delta(&self) -> Result<Tensor> {
+        let down = self.down.as_tensor();
+        let up = self.up.as_tensor();
+        let d = match down.rank() {
+            2 => up.matmul(down)?,
+            _ => {
+                let (r, i, kh, kw) = down.dims4()?;
+                let o = up.dim(0)?;
+                up.reshape((o, r))?
+                    .matmul(&down.reshape((r, i * kh * kw))?)?
+                    .reshape((o, i, kh, kw))?
+            }
+        };
+        d.affine(self.scale(), 0.0)
+    }
+}
+
+/// A frozen Linear or Conv2d with optional adapters, named by its diffusers module path.
+pub struct Adaptable {
+    pub path: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub shape: AdapterShape,
+    pub adapters: Vec<Lora>,
+    /// The flipped kernel for the input gradient, made on first use (convs only).
+    grad_kernel: OnceLock<Tensor>,
+}
+
+impl Adaptable {
+    pub fn new(path: &str, weight: Tensor, bias: Option<Tensor>, shape: AdapterShape) -> Self {
+        Adaptable {
+            path: path.to_owned(),
+            weight,
+            bias,
+            shape,
+            adapters: vec![],
+            grad_kernel: OnceLock::new(),
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.shape {
+            AdapterShape::Linear => {
+                let dims = x.dims().to_vec();
+                let (lead, last) = dims.split_at(dims.len() - 1);
+                let x2 = x.reshape(((), last[0]))?;
+                let mut y = frozen_linear(&x2, &self.weight)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(b)?;
+                }
+                for a in &self.adapters {
+                    y = (y + a.forward(&x2, self.shape)?)?;
+                }
+                let mut out_dims = lead.to_vec();
+                out_dims.push(self.out_features());
+                y.reshape(out_dims)
+            }
+            AdapterShape::Conv {
+                stride, padding, ..
+            } => {
+                let mut y = frozen_conv2d(x, &self.weight, &self.grad_kernel, stride, padding)?;
+                if let Some(b) = &self.bias {
+                    y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+                }
+                for a in &self.adapters {
+                    y = (y + a.forward(x, self.shape)?)?;
+                }
+                Ok(y)
+            }
+        }
+    }
+
+    /// Adds a new trainable adapter: `down` kaiming-uniform (a = √5, as kohya and PEFT), `up` zero, so the
+    /// layer starts out unchanged.
+    pub fn add_adapter(
+        &mut self,
+        rank: usize,
+        alpha: f64,
+        rng: &mut impl rand::Rng,
+    ) -> Result<&Lora> {
+        let dev = self.weight.device().clone();
+        let (down_shape, up_shape): (Vec<usize>, Vec<usize>) = match self.shape {
+            AdapterShape::Linear => (
+                vec![rank, self.in_features()],
+                vec![self.out_features(), rank],
+            ),
+            AdapterShape::Conv { kernel, .. } => (
+                vec![rank, self.in_features(), kernel, kernel],
+                vec![self.out_features(), rank, 1, 1],
+            ),
+        };
+        let fan_in: usize = down_shape[1..].iter().product();
+        let bound = 1.0 / (fan_in as f32).sqrt();
+        let n: usize = down_shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound)).collect();
+        let down = Var::from_tensor(&Tensor::from_vec(values, down_shape, &dev)?)?;
+        let up = Var::zeros(up_shape, DType::F32, &dev)?;
+        self.adapters.push(Lora {
+            down,
+            up,
+            alpha,
+            multiplier: 1.0,
+        });
+        Ok(self.adapters.last().expect("just pushed"))
+    }
+
+    /// Folds `delta` (same shape as the weight) into the base weight, for speed when an adapter is fixed.
+    pub fn merge(&mut self, delta: &Tensor) -> Result<()> {
+        let dt = self.weight.dtype();
+        self.weight =
+            (self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(dt)?;
+        self.grad_kernel = OnceLock::new();
+        Ok(())
+    }
+}
+
+/// Where the layers of a network come from: the weight source, the dtype and the device.
+pub struct Loader<'a> {
+    pub weights: &'a dyn crate::model::weights::Weights,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Loader<'_> {
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        self.weights.get(name, self.dtype, &self.device)
+    }
+
+    /// Norm parameters stay in f32: they are tiny and the norms compute in f32.
+    pub fn tensor_f32(&self, name: &str) -> Result<Tensor> {
+        self.weights.get(name, DType::F32, &self.device)
+    }
+
+    pub fn linear(&self, path: &str, bias: bool) -> Result<Adaptable> {
+        let weight = self.tensor(&format!("{path}.weight"))?;
+        let bias = if bias {
+            Some(self.tensor(&format!("{path}.bias"))?)
+        } else {
+            None
+        };
+        Ok(Adaptable::new(path, weight, bias, AdapterShape::Linear))
+    }
+
+    /// A conv2d (square kernel, bias) whose kernel size comes from the stored weight.
+    pub fn conv(&self, path: &str, stride: usize, padding: usize) -> Result<Adaptable> {
+        let weight = self.tensor(&format!("{path}.weight"))?;
+        let kernel = weight.dim(3)?;
+        let bias = Some(self.tensor(&format!("{path}.bias"))?);
+        Ok(Adaptable::new(
+            path,
+            weight,
+            bias,
+            AdapterShape::Conv {
+                kernel,
+                stride,
+                padding,
+            },
+        ))
+    }
+
+    /// A Linear or a 1×1 Conv, whichever the stored weight is (SD1's proj_in/proj_out are convs, SD2's linear).
+    pub fn linear_or_1x1(&self, path: &str) -> Result<Adaptable> {
+        let rank = self
+            .weights
+            .shape(&format!("{path}.weight"))
+            .map_or(2, |s| s.len());
+        if rank == 4 {
+            self.conv(path, 1, 0)
+        } else {
+            self.linear(path, true)
+        }
+    }
+
+    pub fn group_norm(&self, path: &str, groups: usize, eps: f64) -> Result<GroupNorm> {
+        Ok(GroupNorm {
+            weight: self.tensor_f32(&format!("{path}.weight"))?,
+            bias: self.tensor_f32(&format!("{path}.bias"))?,
+            groups,
+            eps,
+        })
+    }
+
+    pub fn layer_norm(&self, path: &str, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.tensor_f32(&format!("{path}.weight"))?,
+            bias: self.tensor_f32(&format!("{path}.bias"))?,
+            eps,
+        })
+    }
+}
+
+/// Group normalisation over [B, C, H, W], computed in f32 from differentiable primitives.
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let (b, c, h, w) = x.dims4()?;
+        let xg = x
+            .to_dtype(DType::F32)?
+            .reshape((b, self.groups, (c / self.groups) * h * w))?;
+        let mean = xg.mean_keepdim(D::Minus1)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .reshape((b, c, h, w))?;
+        let y = y
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+        y.to_dtype(dt)
+    }
+}
+
+/// Layer normalisation over the last dimension, in f32, differentiable.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        y.broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)?
+            .to_dtype(dt)
+    }
+}
+
+/// Multi-head scaled dot-product attention of q [B, Nq, C] over k, v [B, Nk, C], softmax in f32.
+/// With `chunk`, queries are processed `chunk` at a time, bounding the score matrix held at once.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    chunk: Option<usize>,
+) -> Result<Tensor> {
+    let (b, nq, c) = q.dims3()?;
+    let d = c / heads;
+    let split = |t: &Tensor| -> Result<Tensor> {
+        let n = t.dim(1)?;
+        t.reshape((b, n, heads, d))?
+            .transpose(1, 2)?
+            .reshape((b * heads, n, d))?
+            .contiguous()
+    };
+    let (q, k, v) = (
+        split(&q.affine(1.0 / (d as f64).sqrt(), 0.0)?)?,
+        split(k)?,
+        split(v)?,
+    );
+    let kt = k.t()?.contiguous()?;
+    let step = chunk.filter(|c| *c > 0 && *c < nq).unwrap_or(nq);
+    let mut outs = Vec::with_capacity(nq.div_ceil(step));
+    for start in (0..nq).step_by(step) {
+        let qc = q.narrow(1, start, step.min(nq - start))?;
+        let scores = qc.matmul(&kt)?.to_dtype(DType::F32)?;
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
+        outs.push(p.matmul(&v)?);
+    }
+    let o = if outs.len() == 1 {
+        outs.pop().expect("one chunk")
+    } else {
+        Tensor::cat(&outs, 1)?
+    };
+    o.reshape((b, heads, nq, d))?
+        .transpose(1, 2)?
+        .reshape((b, nq, c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// The frozen ops give the same values and input gradients as candle's stock ops, and no weight gradient.
+    #[test]
+    fn frozen_ops_match_stock_autograd_without_weight_grads() {
+        for (stride, padding, kernel) in [(1, 1, 3), (2, 1, 3), (1, 0, 1)] {
+            let x = Var::from_tensor(&randn(&[2, 3, 8, 8], 1)).unwrap();
+            let w = randn(&[5, 3, kernel, kernel], 2);
+            let ours = frozen_conv2d(x.as_tensor(), &w, &OnceLock::new(), stride, padding).unwrap();
+            let stock = x.as_tensor().conv2d(&w, padding, stride, 1, 1).unwrap();
+            assert!(max_diff(&ours, &stock) < 1e-6);
+            let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let g_stock = stock.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(
+                max_diff(g_ours.get(&x).unwrap(), g_stock.get(&x).unwrap()) < 1e-4,
+                "stride {stride}"
+            );
+            assert!(g_ours.get(&w).is_none());
+        }
+        let x = Var::from_tensor(&randn(&[6, 4], 3)).unwrap();
+        let w = randn(&[7, 4], 4);
+        let ours = frozen_linear(x.as_tensor(), &w).unwrap();
+        let stock = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
+        assert!(max_diff(&ours, &stock) < 1e-6);
+        let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let g_stock = stock.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(g_ours.get(&x).unwrap(), g_stock.get(&x).unwrap()) < 1e-5);
+    }
+
+    #[test]
+    fn adapter_changes_output_by_its_delta_and_merges_to_the_same() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for shape in [
+            AdapterShape::Linear,
+            AdapterShape::Conv {
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            },
+        ] {
+            let (w, x) = match shape {
+                AdapterShape::Linear => (randn(&[6, 4], 6), randn(&[2, 3, 4], 7)),
+                _ => (randn(&[6, 4, 3, 3], 6), randn(&[2, 4, 5, 5], 7)),
+            };
+            let mut layer = Adaptable::new("l", w, None, shape);
+            let base = layer.forward(&x).unwrap();
+            layer.add_adapter(2, 1.0, &mut rng).unwrap();
+            assert!(
+                max_diff(&layer.forward(&x).unwrap(), &base) < 1e-7,
+                "up starts at zero"
+            );
+            let a = &mut layer.adapters[0];
+            a.up.set(&randn(a.up.dims(), 8)).unwrap();
+            let adapted = layer.forward(&x).unwrap();
+            assert!(max_diff(&adapted, &base) > 1e-3);
+            let delta = layer.adapters[0].delta().unwrap();
+            layer.adapters.clear();
+            layer.merge(&delta).unwrap();
+            assert!(max_diff(&layer.forward(&x).unwrap(), &adapted) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn chunked_attention_equals_whole() {
+        let q = randn(&[2, 10, 8], 1);
+        let k = randn(&[2, 6, 8], 2);
+        let v = randn(&[2, 6, 8], 3);
+        let whole = attention(&q, &k, &v, 2, None).unwrap();
+        let chunked = attention(&q, &k, &v, 2, Some(3)).unwrap();
+        assert!(max_diff(&whole, &chunked) < 1e-6);
+    }
+}

@@ -1,0 +1,4 @@
+//! Networks and their weights: checkpoint loading, the adapter-ready layers, the UNet, the text encoder and VAE.
+
+pub mod weights;
+pub mod layers;

@@ -1,0 +1,87 @@
+//! Where model weights come from. Every network asks for its tensors by their diffusers name
+//! (`down_blocks.0.resnets.0.conv1.weight`); a `Weights` source answers from a diffusers folder, a single-file
+//! LDM checkpoint (through a key map), or memory (tests). Tensors are read from memory-mapped files one at a
+//! time and converted on the way, so a checkpoint is never held twice in RAM.
+
+use candle_core::{DType, Device, Result, Tensor};
+use std::collections::HashMap;
+
+pub trait Weights: Send + Sync {
+    /// The tensor stored under the diffusers-style `name`, converted to `dtype` on `device`.
+    fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor>;
+    /// Its shape, without reading the data.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// Every name this source can answer.
+    fn names(&self) -> Vec<String>;
+
+    fn contains(&self, name: &str) -> bool {
+        self.shape(name).is_some()
+    }
+}
+
+/// A view of another source under a name prefix: `prefixed(w, "unet")` answers `conv_in.weight` with
+/// `unet.conv_in.weight`.
+pub struct Prefixed<'a> {
+    inner: &'a dyn Weights,
+    prefix: String,
+}
+
+pub fn prefixed<'a>(inner: &'a dyn Weights, prefix: &str) -> Prefixed<'a> {
+    Prefixed {
+        inner,
+        prefix: if prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{prefix}.")
+        },
+    }
+}
+
+impl Weights for Prefixed<'_> {
+    fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        self.inner
+            .get(&format!("{}{name}", self.prefix), dtype, device)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.inner.shape(&format!("{}{name}", self.prefix))
+    }
+    fn names(&self) -> Vec<String> {
+        self.inner
+            .names()
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(&self.prefix).map(str::to_owned))
+            .collect()
+    }
+}
+
+/// Tensors held in memory (random test models, tensors converted at load time).
+#[derive(Default)]
+pub struct MemoryWeights {
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl MemoryWeights {
+    pub fn new(tensors: HashMap<String, Tensor>) -> Self {
+        MemoryWeights { tensors }
+    }
+}
+
+impl Weights for MemoryWeights {
+    fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.tensors.get(name).ok_or_else(|| missing(name))?;
+        t.to_device(device)?.to_dtype(dtype)
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+}
+
+/// The error for a tensor a network needs but the file lacks.
+pub fn missing(name: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "the checkpoint has no tensor `{name}`; it is incomplete or not this model"
+    ))
+}
