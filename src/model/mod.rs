@@ -2,3 +2,5 @@
 
 pub mod weights;
 pub mod layers;
+pub mod recompute;
+pub mod unet;

@@ -1,0 +1,533 @@
+//! Our UNet2DConditionModel for SD 1.x/2.x, with diffusers module names, per-sample timesteps, adapter-ready
+//! layers and optional block-level recompute.
+
+use super::layers::{Adaptable, GroupNorm, LayerNorm, Loader, attention};
+use super::recompute::{BlockFn, GradSink, checkpoint};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// The UNet's shape, as diffusers' `unet/config.json` states it.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct UNetConfig {
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    /// Heads per block (diffusers' historical name): one number for all blocks or one per down block.
+    pub attention_head_dim: HeadCount,
+    pub cross_attention_dim: usize,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "norm_eps")]
+    pub norm_eps: f64,
+}
+
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn norm_eps() -> f64 {
+    1e-5
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum HeadCount {
+    All(usize),
+    PerBlock(Vec<usize>),
+}
+
+impl UNetConfig {
+    fn heads(&self, block: usize) -> usize {
+        match &self.attention_head_dim {
+            HeadCount::All(n) => *n,
+            HeadCount::PerBlock(v) => v[block.min(v.len() - 1)],
+        }
+    }
+
+    fn has_attention(kind: &str) -> bool {
+        kind.starts_with("CrossAttn")
+    }
+}
+
+/// Run-time switches of the network.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UNetOptions {
+    /// Recompute each resnet and attention block in backward instead of keeping its activations.
+    pub recompute: bool,
+    /// Process attention queries this many at a time.
+    pub attention_chunk: Option<usize>,
+}
+
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Adaptable,
+    time_emb_proj: Adaptable,
+    norm2: GroupNorm,
+    conv2: Adaptable,
+    conv_shortcut: Option<Adaptable>,
+}
+
+impl Resnet {
+    fn load(l: &Loader, path: &str, cin: usize, cout: usize, cfg: &UNetConfig) -> Result<Self> {
+        let g = cfg.norm_num_groups;
+        Ok(Resnet {
+            norm1: l.group_norm(&format!("{path}.norm1"), g, cfg.norm_eps)?,
+            conv1: l.conv(&format!("{path}.conv1"), 1, 1)?,
+            time_emb_proj: l.linear(&format!("{path}.time_emb_proj"), true)?,
+            norm2: l.group_norm(&format!("{path}.norm2"), g, cfg.norm_eps)?,
+            conv2: l.conv(&format!("{path}.conv2"), 1, 1)?,
+            conv_shortcut: if cin != cout {
+                Some(l.conv(&format!("{path}.conv_shortcut"), 1, 0)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let t = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let h = h.broadcast_add(&t)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.conv_shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        skip + h
+    }
+
+    fn layers_mut(&mut self) -> Vec<&mut Adaptable> {
+        let mut v = vec![&mut self.conv1, &mut self.time_emb_proj, &mut self.conv2];
+        v.extend(self.conv_shortcut.as_mut());
+        v
+    }
+}
+
+struct Attention {
+    to_q: Adaptable,
+    to_k: Adaptable,
+    to_v: Adaptable,
+    to_out: Adaptable,
+    heads: usize,
+}
+
+impl Attention {
+    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+        Ok(Attention {
+            to_q: l.linear(&format!("{path}.to_q"), false)?,
+            to_k: l.linear(&format!("{path}.to_k"), false)?,
+            to_v: l.linear(&format!("{path}.to_v"), false)?,
+            to_out: l.linear(&format!("{path}.to_out.0"), true)?,
+            heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor, chunk: Option<usize>) -> Result<Tensor> {
+        let q = self.to_q.forward(x)?;
+        let k = self.to_k.forward(context)?;
+        let v = self.to_v.forward(context)?;
+        self.to_out
+            .forward(&attention(&q, &k, &v, self.heads, chunk)?)
+    }
+
+    fn layers_mut(&mut self) -> Vec<&mut Adaptable> {
+        vec![
+            &mut self.to_q,
+            &mut self.to_k,
+            &mut self.to_v,
+            &mut self.to_out,
+        ]
+    }
+}
+
+struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff_in: Adaptable,
+    ff_out: Adaptable,
+}
+
+impl TransformerBlock {
+    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+        Ok(TransformerBlock {
+            norm1: l.layer_norm(&format!("{path}.norm1"), 1e-5)?,
+            attn1: Attention::load(l, &format!("{path}.attn1"), heads)?,
+            norm2: l.layer_norm(&format!("{path}.norm2"), 1e-5)?,
+            attn2: Attention::load(l, &format!("{path}.attn2"), heads)?,
+            norm3: l.layer_norm(&format!("{path}.norm3"), 1e-5)?,
+            ff_in: l.linear(&format!("{path}.ff.net.0.proj"), true)?,
+            ff_out: l.linear(&format!("{path}.ff.net.2"), true)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor, chunk: Option<usize>) -> Result<Tensor> {
+        let h = self.norm1.forward(x)?;
+        let x = (self.attn1.forward(&h, &h, chunk)? + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x)?, context, chunk)?
+            + x)?;
+        // GEGLU: the projection holds the value and the gate side by side.
+        let p = self.ff_in.forward(&self.norm3.forward(&x)?)?;
+        let half = p.dim(2)? / 2;
+        let ff = (p.narrow(2, 0, half)? * p.narrow(2, half, half)?.gelu_erf()?)?;
+        self.ff_out.forward(&ff)? + x
+    }
+
+    fn layers_mut(&mut self) -> Vec<&mut Adaptable> {
+        let mut v = self.attn1.layers_mut();
+        v.extend(self.attn2.layers_mut());
+        v.extend([&mut self.ff_in, &mut self.ff_out]);
+        v
+    }
+}
+
+/// diffusers' Transformer2DModel: norm, proj_in, transformer blocks, proj_out, residual.
+struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Adaptable,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Adaptable,
+    chunk: Option<usize>,
+}
+
+impl SpatialTransformer {
+    fn load(
+        l: &Loader,
+        path: &str,
+        heads: usize,
+        cfg: &UNetConfig,
+        chunk: Option<usize>,
+    ) -> Result<Self> {
+        let mut blocks = Vec::new();
+        while l.weights.contains(&format!(
+            "{path}.transformer_blocks.{}.norm1.weight",
+            blocks.len()
+        )) {
+            blocks.push(TransformerBlock::load(
+                l,
+                &format!("{path}.transformer_blocks.{}", blocks.len()),
+                heads,
+            )?);
+        }
+        Ok(SpatialTransformer {
+            norm: l.group_norm(&format!("{path}.norm"), cfg.norm_num_groups, 1e-6)?,
+            proj_in: l.linear_or_1x1(&format!("{path}.proj_in"))?,
+            blocks,
+            proj_out: l.linear_or_1x1(&format!("{path}.proj_out"))?,
+            chunk,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let to_tokens = |t: Tensor| -> Result<Tensor> {
+            let ch = t.dim(1)?;
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+        };
+        let to_map = |t: Tensor| -> Result<Tensor> {
+            let ch = t.dim(2)?;
+            t.reshape((b, h, w, ch))?
+                .permute((0, 3, 1, 2))?
+                .contiguous()
+        };
+        let n = self.norm.forward(x)?;
+        let conv_proj = matches!(self.proj_in.shape, super::layers::AdapterShape::Conv { .. });
+        let mut t = if conv_proj {
+            to_tokens(self.proj_in.forward(&n)?)?
+        } else {
+            self.proj_in.forward(&to_tokens(n)?)?
+        };
+        for block in &self.blocks {
+            t = block.forward(&t, context, self.chunk)?;
+        }
+        let out = if conv_proj {
+            self.proj_out.forward(&to_map(t)?)?
+        } else {
+            to_map(self.proj_out.forward(&t)?)?
+        };
+        debug_assert_eq!(out.dims4()?, (b, c, h, w));
+        out + x
+    }
+
+    fn layers_mut(&mut self) -> Vec<&mut Adaptable> {
+        let mut v = vec![&mut self.proj_in];
+        for b in &mut self.blocks {
+            v.extend(b.layers_mut());
+        }
+        v.push(&mut self.proj_out);
+        v
+    }
+}
+
+/// One step of the UNet's path, with the shared pieces behind `Arc` so recompute can re-run them in backward.
+enum Step {
+    Resnet(Arc<Resnet>),
+    Attention(Arc<SpatialTransformer>),
+    Down(Adaptable),
+    Up(Adaptable),
+    /// Marks where a down-path activation is kept for the up path.
+    Skip,
+    /// Concatenates the newest kept activation to the input of the next step (up path).
+    Concat,
+}
+
+pub struct UNet {
+    pub config: UNetConfig,
+    pub options: UNetOptions,
+    conv_in: Adaptable,
+    time_1: Adaptable,
+    time_2: Adaptable,
+    steps: Vec<Step>,
+    norm_out: GroupNorm,
+    conv_out: Adaptable,
+    sink: GradSink,
+}
+
+impl UNet {
+    /// Builds the network from `weights` (diffusers names) in `dtype` on `device`.
+    pub fn load(
+        weights: &dyn super::weights::Weights,
+        config: &UNetConfig,
+        options: UNetOptions,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let l = Loader {
+            weights,
+            dtype,
+            device: device.clone(),
+        };
+        let cfg = config;
+        let ch = &cfg.block_out_channels;
+        let n = ch.len();
+        let mut steps = vec![Step::Skip];
+        let res = |path: String, cin, cout| -> Result<Step> {
+            Ok(Step::Resnet(Arc::new(Resnet::load(
+                &l, &path, cin, cout, cfg,
+            )?)))
+        };
+        let attn = |path: String, heads| -> Result<Step> {
+            Ok(Step::Attention(Arc::new(SpatialTransformer::load(
+                &l,
+                &path,
+                heads,
+                cfg,
+                options.attention_chunk,
+            )?)))
+        };
+        let mut cin = ch[0];
+        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+            for j in 0..cfg.layers_per_block {
+                steps.push(res(format!("down_blocks.{i}.resnets.{j}"), cin, ch[i])?);
+                cin = ch[i];
+                if UNetConfig::has_attention(kind) {
+                    steps.push(attn(
+                        format!("down_blocks.{i}.attentions.{j}"),
+                        cfg.heads(i),
+                    )?);
+                }
+                steps.push(Step::Skip);
+            }
+            if i + 1 < n {
+                steps.push(Step::Down(l.conv(
+                    &format!("down_blocks.{i}.downsamplers.0.conv"),
+                    2,
+                    1,
+                )?));
+                steps.push(Step::Skip);
+            }
+        }
+        steps.push(res("mid_block.resnets.0".into(), ch[n - 1], ch[n - 1])?);
+        steps.push(attn("mid_block.attentions.0".into(), cfg.heads(n - 1))?);
+        steps.push(res("mid_block.resnets.1".into(), ch[n - 1], ch[n - 1])?);
+        let mut prev = ch[n - 1];
+        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+            let out = ch[n - 1 - i];
+            let skip_in = ch[(n - 1 - i).saturating_sub(1)];
+            for j in 0..=cfg.layers_per_block {
+                let skip = if j == cfg.layers_per_block {
+                    skip_in
+                } else {
+                    out
+                };
+                let rin = if j == 0 { prev } else { out };
+                steps.push(Step::Concat);
+                steps.push(res(format!("up_blocks.{i}.resnets.{j}"), rin + skip, out)?);
+                if UNetConfig::has_attention(kind) {
+                    steps.push(attn(
+                        format!("up_blocks.{i}.attentions.{j}"),
+                        cfg.heads(n - 1 - i),
+                    )?);
+                }
+            }
+            prev = out;
+            if i + 1 < n {
+                steps.push(Step::Up(l.conv(
+                    &format!("up_blocks.{i}.upsamplers.0.conv"),
+                    1,
+                    1,
+                )?));
+            }
+        }
+        Ok(UNet {
+            config: cfg.clone(),
+            options,
+            conv_in: l.conv("conv_in", 1, 1)?,
+            time_1: l.linear("time_embedding.linear_1", true)?,
+            time_2: l.linear("time_embedding.linear_2", true)?,
+            steps,
+            norm_out: l.group_norm("conv_norm_out", cfg.norm_num_groups, cfg.norm_eps)?,
+            conv_out: l.conv("conv_out", 1, 1)?,
+            sink: GradSink::default(),
+        })
+    }
+
+    /// Sinusoidal timestep features (diffusers: flip_sin_to_cos, no frequency shift), one row per sample.
+    fn time_features(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        let half = dim / 2;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+            .collect();
+        let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+        let args = t
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&freqs)?;
+        Tensor::cat(&[args.cos()?, args.sin()?], 1)
+    }
+
+    /// Predicts noise (or v) for latents `x` [B, 4, H, W] at timesteps `t` [B] given `context` [B, N, C].
+    pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let dt = self.conv_in.weight.dtype();
+        let (x, context) = (x.to_dtype(dt)?, context.to_dtype(dt)?);
+        let tf = self
+            .time_features(t, self.config.block_out_channels[0])?
+            .to_dtype(dt)?;
+        let temb = self.time_2.forward(&self.time_1.forward(&tf)?.silu()?)?;
+        let mut h = self.conv_in.forward(&x)?;
+        let mut kept: Vec<Tensor> = Vec::new();
+        let mut concat = false;
+        for step in &self.steps {
+            match step {
+                Step::Skip => kept.push(h.clone()),
+                Step::Concat => concat = true,
+                Step::Resnet(r) => {
+                    if std::mem::take(&mut concat) {
+                        let skip = kept.pop().expect("a kept activation for every up resnet");
+                        h = Tensor::cat(&[&h, &skip], 1)?;
+                    }
+                    h = self.run(r.clone(), &h, &temb)?;
+                }
+                Step::Attention(a) => h = self.run_attention(a.clone(), &h, &context)?,
+                Step::Down(c) => h = c.forward(&h)?,
+                Step::Up(c) => {
+                    let (_, _, hh, ww) = h.dims4()?;
+                    h = c.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
+                }
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+    }
+
+    fn run(&self, r: Arc<Resnet>, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        if !self.options.recompute {
+            return r.forward(x, temb);
+        }
+        let vars = adapter_vars(&r.layers_ref());
+        let f: BlockFn = Arc::new(move |x: &Tensor, t: &Tensor| r.forward(x, t));
+        checkpoint(f, x, temb, vars, &self.sink)
+    }
+
+    fn run_attention(
+        &self,
+        a: Arc<SpatialTransformer>,
+        x: &Tensor,
+        context: &Tensor,
+    ) -> Result<Tensor> {
+        if !self.options.recompute {
+            return a.forward(x, context);
+        }
+        let vars = adapter_vars(&a.layers_ref());
+        let f: BlockFn = Arc::new(move |x: &Tensor, c: &Tensor| a.forward(x, c));
+        checkpoint(f, x, context, vars, &self.sink)
+    }
+
+    /// Back-propagates `loss` (computed through this network), including the gradients of recomputed blocks.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        self.sink.backward(loss)
+    }
+
+    /// Every adaptable layer, for attaching, listing, saving and merging adapters. Call while no computation
+    /// graph through the network is alive (recompute keeps blocks shared until backward ends).
+    pub fn layers_mut(&mut self) -> Result<Vec<&mut Adaptable>> {
+        let mut v = vec![&mut self.conv_in, &mut self.time_1, &mut self.time_2];
+        for step in &mut self.steps {
+            match step {
+                Step::Resnet(r) => v.extend(Arc::get_mut(r).ok_or_else(busy)?.layers_mut()),
+                Step::Attention(a) => v.extend(Arc::get_mut(a).ok_or_else(busy)?.layers_mut()),
+                Step::Down(c) | Step::Up(c) => v.push(c),
+                Step::Skip | Step::Concat => {}
+            }
+        }
+        v.push(&mut self.conv_out);
+        Ok(v)
+    }
+}
+
+fn busy() -> candle_core::Error {
+    candle_core::Error::Msg(
+        "the UNet's layers are in use by a computation that has not finished".into(),
+    )
+}
+
+fn adapter_vars(layers: &[&Adaptable]) -> Vec<Var> {
+    layers
+        .iter()
+        .flat_map(|l| {
+            l.adapters
+                .iter()
+                .flat_map(|a| [a.down.clone(), a.up.clone()])
+        })
+        .collect()
+}
+
+impl Resnet {
+    fn layers_ref(&self) -> Vec<&Adaptable> {
+        let mut v = vec![&self.conv1, &self.time_emb_proj, &self.conv2];
+        v.extend(self.conv_shortcut.as_ref());
+        v
+    }
+}
+
+impl SpatialTransformer {
+    fn layers_ref(&self) -> Vec<&Adaptable> {
+        let mut v = vec![&self.proj_in];
+        for b in &self.blocks {
+            let a = [&b.attn1, &b.attn2];
+            for at in a {
+                v.extend([&at.to_q, &at.to_k, &at.to_v, &at.to_out]);
+            }
+            v.extend([&b.ff_in, &b.ff_out]);
+        }
+        v.push(&self.proj_out);
+        v
+    }
+}
