@@ -607,10 +607,39 @@ impl DatasetView {
             {
                 self.rescan(ui.ctx(), settings);
             }
+            self.caption_extension(ui, settings);
             if self.is_busy() {
                 ui.spinner();
             }
         });
+    }
+
+    /// The caption file extension of this dataset (`.txt`, `.caption` …), kept in its project file.
+    fn caption_extension(&mut self, ui: &mut Ui, settings: &DatasetSettings) {
+        let Some(l) = &self.loaded else { return };
+        let current = l.scan.project.caption_ext();
+        let mut chosen = None;
+        egui::ComboBox::from_label("Captions")
+            .selected_text(current.as_str())
+            .show_ui(ui, |ui| {
+                for ext in [".txt", ".caption"] {
+                    if ui.selectable_label(current == ext, ext).clicked() && current != ext {
+                        chosen = Some(ext);
+                    }
+                }
+            });
+        let Some(ext) = chosen else { return };
+        let mut project = l.scan.project.clone();
+        project.caption_extension = ext.to_owned();
+        match project.save(&l.scan.root) {
+            Ok(()) => self.rescan(ui.ctx(), settings),
+            Err(e) => {
+                self.error = Some(format!(
+                    "Could not save {}: {e}",
+                    crate::dataset::PROJECT_FILE
+                ))
+            }
+        }
     }
 
     fn summary(&self, ui: &mut Ui) {
