@@ -6,3 +6,4 @@ pub mod cli;
 pub mod dataset;
 pub mod fsutil;
 pub mod model;
+pub mod train;

@@ -1,0 +1,5 @@
+//! Training: configuration, optimizers and learning-rate schedules (the engine builds on these).
+
+pub mod config;
+pub mod lr;
+pub mod optim;
