@@ -85,3 +85,61 @@ pub fn missing(name: &str) -> candle_core::Error {
         "the checkpoint has no tensor `{name}`; it is incomplete or not this model"
     ))
 }
+
+/// Another source with weight changes added on read: how a LoRA is merged into a network that is built from
+/// weights (the text encoder) without copying the checkpoint.
+pub struct WithDeltas<'a> {
+    inner: &'a dyn Weights,
+    /// Tensor name (`….weight`) → change, in any dtype, same shape as the stored tensor.
+    deltas: HashMap<String, Tensor>,
+}
+
+impl<'a> WithDeltas<'a> {
+    pub fn new(inner: &'a dyn Weights, deltas: HashMap<String, Tensor>) -> Self {
+        WithDeltas { inner, deltas }
+    }
+}
+
+impl Weights for WithDeltas<'_> {
+    fn get(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        match self.deltas.get(name) {
+            None => self.inner.get(name, dtype, device),
+            Some(d) => {
+                let base = self.inner.get(name, DType::F32, device)?;
+                let d = d
+                    .to_device(device)?
+                    .to_dtype(DType::F32)?
+                    .reshape(base.shape())?;
+                (base + d)?.to_dtype(dtype)
+            }
+        }
+    }
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.inner.shape(name)
+    }
+    fn names(&self) -> Vec<String> {
+        self.inner.names()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_and_deltas() {
+        let t = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
+        let mem = MemoryWeights::new(HashMap::from([("unet.a.weight".to_owned(), t)]));
+        let unet = prefixed(&mem, "unet");
+        assert_eq!(unet.names(), vec!["a.weight".to_owned()]);
+        let d = Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap();
+        let merged = WithDeltas::new(&unet, HashMap::from([("a.weight".to_owned(), d)]));
+        let v: Vec<f32> = merged
+            .get("a.weight", DType::F32, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(v, [1.5, 1.0]);
+        assert!(merged.get("b.weight", DType::F32, &Device::Cpu).is_err());
+    }
+}
