@@ -22,7 +22,11 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Open the window (the default when no command is given).
-    Gui,
+    Gui {
+        /// Open this dataset folder instead of the last one.
+        #[arg(long)]
+        dataset: Option<PathBuf>,
+    },
     /// Check and edit a dataset folder.
     #[command(subcommand)]
     Dataset(DatasetCommand),
@@ -110,7 +114,8 @@ pub enum DatasetCommand {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
-        None | Some(Command::Gui) => crate::app::run_gui().map(|()| ExitCode::SUCCESS),
+        None => crate::app::run_gui(None).map(|()| ExitCode::SUCCESS),
+        Some(Command::Gui { dataset }) => crate::app::run_gui(dataset).map(|()| ExitCode::SUCCESS),
         Some(Command::Dataset(cmd)) => dataset(cmd),
         Some(Command::Bench(cmd)) => bench::run(cmd),
     }

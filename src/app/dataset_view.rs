@@ -42,7 +42,8 @@ impl Default for DatasetSettings {
 }
 
 impl DatasetSettings {
-    fn remember(&mut self, path: &Path) {
+    /// Puts `path` first in the recent folders (the one opened on the next start).
+    pub fn remember(&mut self, path: &Path) {
         let p = path.to_string_lossy().into_owned();
         self.recent.retain(|r| *r != p);
         self.recent.insert(0, p);

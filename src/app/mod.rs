@@ -100,7 +100,8 @@ impl eframe::App for LoraStudioApp {
 }
 
 /// Opens the main window. Fails with a message for people when there is no display to open it on.
-pub fn run_gui() -> Result<(), String> {
+/// `dataset` opens that folder instead of the last one.
+pub fn run_gui(dataset: Option<std::path::PathBuf>) -> Result<(), String> {
     if cfg!(target_os = "linux")
         && std::env::var_os("DISPLAY").is_none()
         && std::env::var_os("WAYLAND_DISPLAY").is_none()
@@ -117,11 +118,14 @@ pub fn run_gui() -> Result<(), String> {
     eframe::run_native(
         APP_NAME,
         options,
-        Box::new(|cc| {
-            let state = cc
+        Box::new(move |cc| {
+            let mut state: AppState = cc
                 .storage
                 .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
                 .unwrap_or_default();
+            if let Some(dir) = &dataset {
+                state.dataset.remember(dir);
+            }
             Ok(Box::new(LoraStudioApp::new(&cc.egui_ctx, state)))
         }),
     )
