@@ -2,7 +2,7 @@
 
 use crate::dataset::edit::{BulkOp, apply_bulk};
 use crate::dataset::import::{hash_files, import};
-use crate::dataset::validate::{default_threads, inspect_all};
+use crate::dataset::validate::{all_threads, inspect_all};
 use crate::dataset::{BucketConfig, Report, caption, scan};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -218,14 +218,9 @@ pub fn check(dir: &Path, buckets: &BucketConfig, batch_size: u32) -> Result<Repo
     let s = scan(dir, &AtomicBool::new(false)).map_err(|e| e.to_string())?;
     let paths: Vec<PathBuf> = s.entries.iter().map(|e| e.path.clone()).collect();
     let results = Mutex::new(vec![None; paths.len()]);
-    inspect_all(
-        &paths,
-        default_threads().max(2),
-        &AtomicBool::new(false),
-        &|i, r| {
-            results.lock().unwrap()[i] = Some(r);
-        },
-    );
+    inspect_all(&paths, all_threads(), &AtomicBool::new(false), &|i, r| {
+        results.lock().unwrap()[i] = Some(r);
+    });
     Ok(Report::build(
         &s,
         &results.into_inner().unwrap(),

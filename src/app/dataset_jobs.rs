@@ -38,6 +38,10 @@ pub enum JobEvent {
     Imported {
         summary: ImportSummary,
     },
+    Derived {
+        generation: u64,
+        derived: Box<super::dataset_view::Derived>,
+    },
 }
 
 pub struct Jobs {
@@ -137,6 +141,21 @@ impl Jobs {
             known.extend(hash_files(unhashed.iter().map(PathBuf::as_path)));
             let summary = import(&sources, &dest, &caption_ext, &mut known);
             let _ = tx.send(JobEvent::Imported { summary });
+            ctx.request_repaint();
+        });
+    }
+
+    /// Computes the derived dataset view (report, marks, tags) off the UI thread.
+    pub fn derive(
+        &self,
+        generation: u64,
+        work: impl FnOnce() -> super::dataset_view::Derived + Send + 'static,
+    ) {
+        self.spawn("dataset-derive", move |tx, ctx| {
+            let _ = tx.send(JobEvent::Derived {
+                generation,
+                derived: Box::new(work()),
+            });
             ctx.request_repaint();
         });
     }

@@ -104,7 +104,7 @@ impl DatasetView {
         } else {
             (0..l.scan.entries.len()).collect()
         };
-        let result = apply_bulk(&mut l.scan, &indices, op);
+        let result = apply_bulk(std::sync::Arc::make_mut(&mut l.scan), &indices, op);
         self.status = result.describe();
         if !result.failed.is_empty() {
             self.error = Some(result.describe());
@@ -310,7 +310,9 @@ impl DatasetView {
                         )
                     });
                     if n != f.repeats.count {
-                        if let Err(e) = l.scan.set_repeats(&f.name, n) {
+                        if let Err(e) =
+                            std::sync::Arc::make_mut(&mut l.scan).set_repeats(&f.name, n)
+                        {
                             failed = Some(e);
                         }
                         changed = true;

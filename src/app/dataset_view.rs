@@ -9,6 +9,7 @@ use crate::dataset::{BucketConfig, Buckets, CaptionStatus, Inspection, Report, S
 use egui::{Align2, Color32, FontId, Rect, Sense, Ui, vec2};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const RECENT_MAX: usize = 10;
@@ -85,8 +86,9 @@ impl ToolTab {
 
 /// A dataset that has been scanned, and what is known about its images so far.
 pub(super) struct Loaded {
-    pub scan: Scan,
-    pub inspections: Vec<Inspection>,
+    /// Shared with background derive jobs; edits copy on write (`Arc::make_mut`) only while a job holds it.
+    pub scan: Arc<Scan>,
+    pub inspections: Arc<Vec<Inspection>>,
     pub inspected: usize,
     /// Every image has been inspected.
     pub checked: bool,
@@ -147,6 +149,7 @@ pub struct DatasetView {
     preview: TextureCache,
     pub(super) derived: Option<Derived>,
     derived_dirty: bool,
+    deriving: bool,
     derived_at: Instant,
 }
 
@@ -175,6 +178,7 @@ impl DatasetView {
             preview: new_preview_cache(ctx),
             derived: None,
             derived_dirty: false,
+            deriving: false,
             derived_at: Instant::now(),
         }
     }
@@ -202,13 +206,16 @@ impl DatasetView {
         }
     }
 
-    /// True while a scan or the image checks run.
+    /// True while a scan, the image checks or a report update run.
     pub fn is_busy(&self) -> bool {
-        self.loading.is_some() || self.loaded.as_ref().is_some_and(|l| !l.checked)
+        self.loading.is_some()
+            || self.deriving
+            || self.derived_dirty
+            || self.loaded.as_ref().is_some_and(|l| !l.checked)
     }
 
     pub fn scan(&self) -> Option<&Scan> {
-        self.loaded.as_ref().map(|l| &l.scan)
+        self.loaded.as_ref().map(|l| &*l.scan)
     }
 
     pub fn report(&self) -> Option<&Report> {
@@ -255,10 +262,12 @@ impl DatasetView {
         self.thumbs.poll(ctx);
         self.preview.poll(ctx);
         let checking = self.loaded.as_ref().is_some_and(|l| !l.checked);
-        if self.derived_dirty && (!checking || self.derived_at.elapsed() >= DERIVE_EVERY) {
-            self.derive(settings);
-        } else if self.derived_dirty {
-            ctx.request_repaint_after(DERIVE_EVERY);
+        if self.derived_dirty && !self.deriving {
+            if !checking || self.derived_at.elapsed() >= DERIVE_EVERY {
+                self.start_derive(settings);
+            } else {
+                ctx.request_repaint_after(DERIVE_EVERY);
+            }
         }
         if self.filter_dirty {
             self.refilter();
@@ -290,7 +299,7 @@ impl DatasetView {
                 result,
             } if generation == self.generation => {
                 if let Some(l) = &mut self.loaded {
-                    l.inspections[index] = Some(result);
+                    Arc::make_mut(&mut l.inspections)[index] = Some(result);
                     l.inspected += 1;
                     self.derived_dirty = true;
                 }
@@ -302,6 +311,15 @@ impl DatasetView {
                     self.derived_dirty = true;
                 }
             }
+            JobEvent::Derived {
+                generation,
+                derived,
+            } if generation == self.generation => {
+                self.deriving = false;
+                self.derived = Some(*derived);
+                self.filter_dirty = true;
+            }
+            JobEvent::Derived { .. } => self.deriving = false,
             JobEvent::Picked { purpose, paths } => self.picked(ctx, settings, purpose, paths),
             JobEvent::Imported { summary } => {
                 self.status = summary.describe();
@@ -330,8 +348,8 @@ impl DatasetView {
             self.selected = None;
         }
         self.loaded = Some(Loaded {
-            scan,
-            inspections: vec![None; n],
+            scan: Arc::new(scan),
+            inspections: Arc::new(vec![None; n]),
             inspected: 0,
             checked: false,
         });
@@ -371,7 +389,7 @@ impl DatasetView {
             .flatten()
             .map(|i| i.hash.clone())
             .collect();
-        let unhashed = (l.scan.entries.iter().zip(&l.inspections))
+        let unhashed = (l.scan.entries.iter().zip(l.inspections.iter()))
             .filter(|(_, i)| !matches!(i, Some(Ok(_))))
             .map(|(e, _)| e.path.clone())
             .collect();
@@ -390,35 +408,18 @@ impl DatasetView {
         self.jobs.pick(purpose, start);
     }
 
-    fn derive(&mut self, settings: &DatasetSettings) {
-        self.derived_dirty = false;
-        self.derived_at = Instant::now();
+    /// Rebuilds the report, problem marks and tag table on a worker: for thousands of images it takes
+    /// milliseconds that a frame cannot spare.
+    fn start_derive(&mut self, settings: &DatasetSettings) {
         let Some(l) = &self.loaded else { return };
-        let buckets = Buckets::new(&settings.buckets);
-        let duplicates = duplicate_map(&l.scan.entries, &l.inspections);
-        let severity = (l.scan.entries.iter().zip(&l.inspections).zip(&duplicates))
-            .map(|((e, ins), dup)| {
-                let dup_rel = dup.map(|j| l.scan.entries[j].rel.as_str());
-                findings(e, ins, &buckets, dup_rel)
-                    .iter()
-                    .map(|f| f.severity)
-                    .max()
-            })
-            .collect();
-        let report = Report::build(
-            &l.scan,
-            &l.inspections,
-            &settings.buckets,
-            settings.batch_size,
-        );
-        let tags = caption::tag_counts(l.scan.entries.iter().map(|e| e.caption.text.as_str()));
-        self.derived = Some(Derived {
-            report,
-            severity,
-            duplicates,
-            tags,
+        self.derived_dirty = false;
+        self.deriving = true;
+        self.derived_at = Instant::now();
+        let (scan, inspections) = (l.scan.clone(), l.inspections.clone());
+        let (buckets, batch) = (settings.buckets, settings.batch_size);
+        self.jobs.derive(self.generation, move || {
+            derive(&scan, &inspections, &buckets, batch)
         });
-        self.filter_dirty = true;
     }
 
     pub(super) fn mark_changed(&mut self) {
@@ -514,7 +515,7 @@ impl DatasetView {
             return;
         };
         let Some(l) = &mut self.loaded else { return };
-        match edit::set_caption(&mut l.scan, i, &self.editor.text) {
+        match edit::set_caption(Arc::make_mut(&mut l.scan), i, &self.editor.text) {
             Ok(Some(e)) => {
                 self.status = format!("Saved {}.", l.scan.entries[i].caption_path.display());
                 self.undo.push(vec![e]);
@@ -536,7 +537,7 @@ impl DatasetView {
         let (Some(batch), Some(l)) = (self.undo.pop(), &mut self.loaded) else {
             return;
         };
-        match edit::undo(&mut l.scan, &batch) {
+        match edit::undo(Arc::make_mut(&mut l.scan), &batch) {
             Ok(()) => self.status = format!("Undid the change of {} caption(s).", batch.len()),
             Err(e) => self.error = Some(format!("Undo failed: {e}")),
         }
@@ -941,4 +942,32 @@ fn thumb_cell(
         visuals.text_color(),
     );
     resp.on_hover_text(name)
+}
+
+/// The report, per-image severity, duplicates and tag counts of a dataset (run on a worker thread).
+fn derive(
+    scan: &Scan,
+    inspections: &[Inspection],
+    buckets_cfg: &BucketConfig,
+    batch: u32,
+) -> Derived {
+    let buckets = Buckets::new(buckets_cfg);
+    let duplicates = duplicate_map(&scan.entries, inspections);
+    let severity = (scan.entries.iter().zip(inspections).zip(&duplicates))
+        .map(|((e, ins), dup)| {
+            let dup_rel = dup.map(|j| scan.entries[j].rel.as_str());
+            findings(e, ins, &buckets, dup_rel)
+                .iter()
+                .map(|f| f.severity)
+                .max()
+        })
+        .collect();
+    let report = Report::build(scan, inspections, buckets_cfg, batch);
+    let tags = caption::tag_counts(scan.entries.iter().map(|e| e.caption.text.as_str()));
+    Derived {
+        report,
+        severity,
+        duplicates,
+        tags,
+    }
 }

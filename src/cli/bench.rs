@@ -2,7 +2,7 @@
 
 use crate::app::{AppState, LoraStudioApp};
 use crate::dataset::synth::write_dataset;
-use crate::dataset::validate::default_threads;
+use crate::dataset::validate::{all_threads, default_threads};
 use clap::Subcommand;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,7 +48,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
                         "generating {images} images (up to {max_side} px) in {} …",
                         d.display()
                     );
-                    write_dataset(&d, images, max_side, 1, default_threads().max(2))
+                    write_dataset(&d, images, max_side, 1, all_threads())
                         .map_err(|e| e.to_string())?;
                     d
                 }
@@ -72,6 +72,7 @@ struct DatasetBench {
     dir: String,
     images: usize,
     threads: usize,
+    gui_threads: usize,
     scan_s: f64,
     validate_s: f64,
     ui_frames: usize,
@@ -84,7 +85,7 @@ struct DatasetBench {
 impl DatasetBench {
     fn table(&self) -> String {
         format!(
-            "dataset benchmark: {} ({} images, {} decode threads)\n\
+            "dataset benchmark: {} ({} images; {} validation threads, {} GUI decode threads)\n\
              | measure | value |\n|---|---:|\n\
              | scan (walk + read captions) | {:.2} s |\n\
              | validation (decode + hash every image) | {:.2} s |\n\
@@ -96,6 +97,7 @@ impl DatasetBench {
             self.dir,
             self.images,
             self.threads,
+            self.gui_threads,
             self.scan_s,
             self.validate_s,
             self.ui_frames,
@@ -120,7 +122,8 @@ fn dataset_bench(dir: &std::path::Path, frames: usize) -> Result<DatasetBench, S
     Ok(DatasetBench {
         dir: dir.display().to_string(),
         images: s.entries.len(),
-        threads: default_threads(),
+        threads: all_threads(),
+        gui_threads: default_threads(),
         scan_s,
         validate_s: validate_s.max(0.0),
         ui_frames: times.len(),

@@ -36,7 +36,12 @@ pub fn inspect_all(
     });
 }
 
-/// Worker threads for decoding: all cores but one, so the UI and the OS keep one.
+/// Every core: for headless work, where nothing else needs the machine.
+pub fn all_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Worker threads for decoding behind the GUI: all cores but one, so the UI and the OS keep one.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().saturating_sub(1).max(1))
 }
