@@ -123,8 +123,12 @@ fn write_one(path: &Path, max_side: u32, seed: u64) -> std::io::Result<()> {
     };
     img.save_with_format(path, format)
         .map_err(std::io::Error::other)?;
-    let tags: Vec<&str> = (0..3)
-        .map(|_| TAGS[rng.below(TAGS.len() as u64) as usize])
-        .collect();
+    let mut tags: Vec<&str> = Vec::new();
+    while tags.len() < 3 {
+        let tag = TAGS[rng.below(TAGS.len() as u64) as usize];
+        if !tags.contains(&tag) {
+            tags.push(tag);
+        }
+    }
     std::fs::write(path.with_extension("txt"), tags.join(", "))
 }
