@@ -16,11 +16,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    if let Ok(meta) = std::fs::metadata(path) {
+    match std::fs::metadata(path) {
         // Keep the permissions of the file we replace (a temp file is created 0600).
-        tmp.as_file().set_permissions(meta.permissions())?;
+        Ok(meta) => tmp.as_file().set_permissions(meta.permissions())?,
+        // A new file gets what a plain create would give, so other programs (ComfyUI under another
+        // account) can read a saved LoRA.
+        Err(_) => set_default_permissions(tmp.as_file())?,
     }
     tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_default_permissions(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(0o644))
+}
+
+#[cfg(not(unix))]
+fn set_default_permissions(_file: &std::fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -40,5 +54,15 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.txt")]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(
+                mode & 0o777,
+                0o644,
+                "new files are readable by other programs"
+            );
+        }
     }
 }

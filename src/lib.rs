@@ -5,5 +5,7 @@ pub mod app;
 pub mod cli;
 pub mod dataset;
 pub mod fsutil;
+pub mod lora;
 pub mod model;
+pub mod sample;
 pub mod train;

@@ -667,14 +667,15 @@ def sample_ddim(unet, sched_cfg, latents_in, cond, uncond):
     s.set_timesteps(STEPS)
     lat = latents_in * s.init_noise_sigma
     ctx = torch.cat([uncond, cond])
-    traj = []
+    traj, model_out = [], []
     for t in s.timesteps:
         inp = s.scale_model_input(torch.cat([lat, lat]), t)
         out_u, out_c = unet_forward(unet, inp, t, ctx).chunk(2)
         guided = out_u + CFG * (out_c - out_u)
         lat = s.step(guided, t, lat, eta=0.0, return_dict=False)[0]
         traj.append(lat)
-    return s, lat, torch.stack(traj)
+        model_out.append(guided)
+    return s, lat, torch.stack(traj), torch.stack(model_out)
 
 
 def sample_euler(unet, sched_cfg, latents_in, cond, uncond):
@@ -682,14 +683,15 @@ def sample_euler(unet, sched_cfg, latents_in, cond, uncond):
     s.set_timesteps(STEPS)
     lat = latents_in * s.init_noise_sigma
     ctx = torch.cat([uncond, cond])
-    traj = []
+    traj, model_out = [], []
     for t in s.timesteps:
         inp = s.scale_model_input(torch.cat([lat, lat]), t)
         out_u, out_c = unet_forward(unet, inp, t, ctx).chunk(2)
         guided = out_u + CFG * (out_c - out_u)
         lat = s.step(guided, t, lat, return_dict=False)[0]
         traj.append(lat)
-    return s, lat, torch.stack(traj)
+        model_out.append(guided)
+    return s, lat, torch.stack(traj), torch.stack(model_out)
 
 
 def kohya_name(module_path: str) -> str:
@@ -863,13 +865,15 @@ def build_family(name: str, fam: dict, out_root: Path, log) -> dict:
         lat0 = torch.randn((1, 4, LATENT, LATENT), generator=g)
         cond, uncond = te_out.last_hidden_state[0:1], te_out.last_hidden_state[1:2]
         ref["sample.latents_in"], ref["sample.cond"], ref["sample.uncond"] = lat0, cond, uncond
-        ddim, ddim_out, ddim_traj = sample_ddim(unet, sched_cfg, lat0, cond, uncond)
-        euler, euler_out, euler_traj = sample_euler(unet, sched_cfg, lat0, cond, uncond)
+        ddim, ddim_out, ddim_traj, ddim_model_out = sample_ddim(unet, sched_cfg, lat0, cond, uncond)
+        euler, euler_out, euler_traj, euler_model_out = sample_euler(unet, sched_cfg, lat0, cond, uncond)
         ref["sched.ddim_timesteps"] = ddim.timesteps.to(torch.int64)
         ref["sched.euler_timesteps"] = euler.timesteps.to(torch.float32)
         ref["sched.euler_sigmas"] = euler.sigmas.to(torch.float32)
         ref["sample.ddim_out"], ref["sample.ddim_trajectory"] = ddim_out, ddim_traj
         ref["sample.euler_out"], ref["sample.euler_trajectory"] = euler_out, euler_traj
+        # The guided model output fed to each step, so a sampler can be checked without running a UNet.
+        ref["sample.ddim_model_out"], ref["sample.euler_model_out"] = ddim_model_out, euler_model_out
 
         # ---- LoRA
         lora = build_lora(unet, torch.Generator().manual_seed(seed + 20))
@@ -1144,6 +1148,8 @@ one, and the text-encoder parity tests feed `te.input_ids` directly. Prompt: `{p
   timesteps {euler_ts} with sigmas (sd1) {euler_sigmas}. DDIM (eta 0) and Euler are the same ODE step except
   for the last step, so `sample.ddim_out` and `sample.euler_out` are close but not equal; compare each to its own
   reference. The UNet is called with the scalar step timestep broadcast over the batch of 2.
+  `sample.ddim_model_out[i]` / `sample.euler_model_out[i]` is the guided output given to step i, so a sampler can
+  be checked on its own by replaying them (no UNet needed).
 - **LoRA**: `W' = W + multiplier * (alpha/rank) * up @ down` (1x1 convs: flatten to matrices). Per-module alpha
   differs on one module (`ff.net.2`, alpha 8 -> scale 2; all others alpha 2 -> scale 0.5). sd1 `proj_in` /
   `proj_out` LoRAs are 1x1 convs (`[r,C,1,1]` / `[C,r,1,1]`), sd2v's are linear.
@@ -1221,6 +1227,8 @@ REF_DESC = {
     "sample.ddim_trajectory": "latents after each DDIM step",
     "sample.euler_out": "Euler result latents",
     "sample.euler_trajectory": "latents after each Euler step",
+    "sample.ddim_model_out": "guided model output (eps for sd1, v for sd2v) given to each DDIM step",
+    "sample.euler_model_out": "guided model output (eps for sd1, v for sd2v) given to each Euler step",
     "lora.unet_out": "UNet output on unet.* inputs with lora_kohya merged at 1.0",
 }
 

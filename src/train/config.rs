@@ -332,7 +332,9 @@ impl TrainConfig {
                 "is newer than this app understands; update lora-studio",
             );
         }
-        if !(64..=4096).contains(&self.dataset.resolution) || self.dataset.resolution % 8 != 0 {
+        if !(64..=4096).contains(&self.dataset.resolution)
+            || !self.dataset.resolution.is_multiple_of(8)
+        {
             return err(
                 "dataset.resolution",
                 "must be a multiple of 8 between 64 and 4096 (usually 512, 768 or 1024)",

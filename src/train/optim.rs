@@ -114,7 +114,7 @@ impl Optimizer {
 
     fn adamw(&mut self, gi: usize, vi: usize, g: &Tensor) -> Result<Tensor> {
         let p = self.params;
-        let st = self.state.entry((gi, vi)).or_insert_with(Vec::new);
+        let st = self.state.entry((gi, vi)).or_default();
         if st.is_empty() {
             st.push(g.zeros_like()?);
             st.push(g.zeros_like()?);
@@ -133,7 +133,7 @@ impl Optimizer {
         let decay = 1.0 - (self.step as f64).powf(-0.8);
         let eps = 1e-30;
         let g2 = (g.sqr()? + eps)?;
-        let st = self.state.entry((gi, vi)).or_insert_with(Vec::new);
+        let st = self.state.entry((gi, vi)).or_default();
         let u = if g.rank() >= 2 {
             let g2 = g2.flatten_from(1)?;
             let (row, col) = (g2.mean_keepdim(1)?, g2.mean_keepdim(0)?);
