@@ -136,3 +136,36 @@ fn every_adapter_gets_a_gradient_with_and_without_recompute() {
         );
     }
 }
+
+/// A kohya and a PEFT LoRA file, attached unmerged or merged, give diffusers' output with the LoRA merged.
+#[test]
+fn lora_files_applied_match_diffusers() {
+    use lora_studio::model::adapters::{Attach, attach};
+    for family in ["sd1", "sd2v"] {
+        let r = reference(family);
+        for (file, how) in [
+            ("lora_kohya.safetensors", Attach::Unmerged),
+            ("lora_kohya.safetensors", Attach::Merged),
+            ("lora_peft.safetensors", Attach::Unmerged),
+        ] {
+            let mut unet = load_unet(family, UNetOptions::default());
+            let paths = unet.module_paths().unwrap();
+            let (set, report) =
+                lora_studio::lora::load(&fixture(family).join(file), &paths).unwrap();
+            assert!(
+                report.unmatched.is_empty(),
+                "{family}/{file}: unmatched {:?}",
+                report.unmatched
+            );
+            let n = attach(unet.layers_mut().unwrap(), &set, "unet", 1.0, how).unwrap();
+            assert_eq!(n, set.modules.len());
+            let out = run(&unet, &r);
+            let err = max_abs(&(&out - &r["lora.unet_out"]).unwrap());
+            let scale = max_abs(&r["lora.unet_out"]);
+            assert!(
+                err < 1e-4 * scale.max(1.0),
+                "{family}/{file}/{how:?}: max abs error {err}"
+            );
+        }
+    }
+}

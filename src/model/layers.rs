@@ -210,19 +210,12 @@ impl Lora {
 
     /// The change this adapter makes to the base weight (`scale · up @ down`), for merging.
     pub fn delta(&self) -> Result<Tensor> {
-        let down = self.down.as_tensor();
-        let up = self.up.as_tensor();
-        let d = match down.rank() {
-            2 => up.matmul(down)?,
-            _ => {
-                let (r, i, kh, kw) = down.dims4()?;
-                let o = up.dim(0)?;
-                up.reshape((o, r))?
-                    .matmul(&down.reshape((r, i * kh * kw))?)?
-                    .reshape((o, i, kh, kw))?
-            }
+        let m = crate::lora::LoraModule {
+            down: self.down.as_tensor().clone(),
+            up: self.up.as_tensor().clone(),
+            alpha: self.alpha as f32,
         };
-        d.affine(self.scale(), 0.0)
+        m.delta(self.multiplier)
     }
 }
 

@@ -531,3 +531,13 @@ impl SpatialTransformer {
         v
     }
 }
+
+impl UNet {
+    /// The diffusers module paths of every adaptable layer, `unet.` in front, for resolving LoRA files.
+    pub fn module_paths(&mut self) -> Result<std::collections::BTreeSet<String>> {
+        Ok(super::adapters::module_paths(
+            self.layers_mut()?.into_iter().map(|l| &*l),
+            "unet",
+        ))
+    }
+}
