@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 
 mod bench;
+mod bench_train;
 
 #[derive(Parser, Debug)]
 #[command(name = "lora-studio", version, about = "Train LoRA adapters for image-generation models.", long_about = None)]

@@ -4,6 +4,7 @@
 pub mod app;
 pub mod cli;
 pub mod dataset;
+pub mod device;
 pub mod fsutil;
 pub mod lora;
 pub mod model;

@@ -27,10 +27,14 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Training speed and memory of a full-size network with random weights (no checkpoint needed): random
+    /// latents and text embeddings, LoRA on the attention projections, AdamW, like the PyTorch reference.
+    Train(super::bench_train::TrainBench),
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
     match cmd {
+        BenchCommand::Train(args) => super::bench_train::run(&args),
         BenchCommand::Dataset {
             images,
             max_side,

@@ -11,6 +11,20 @@ use candle_core::{
     CpuStorage, CustomOp1, D, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
 };
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Multiply-add FLOPs of base layers and attention run so far (forward only): how benchmarks count the work of
+/// a network without a table per architecture.
+static FORWARD_FLOPS: AtomicU64 = AtomicU64::new(0);
+
+/// The forward FLOPs counted since the last call (and resets the count).
+pub fn take_forward_flops() -> u64 {
+    FORWARD_FLOPS.swap(0, Ordering::Relaxed)
+}
+
+fn count_flops(n: usize) {
+    FORWARD_FLOPS.fetch_add(n as u64, Ordering::Relaxed);
+}
 
 /// `x @ wᵀ` for a 2-D `x` and a frozen `w` [out, in]; backward gives `dx = g @ w` only.
 struct FrozenMatmul {
@@ -256,6 +270,7 @@ impl Adaptable {
                 let dims = x.dims().to_vec();
                 let (lead, last) = dims.split_at(dims.len() - 1);
                 let x2 = x.reshape(((), last[0]))?;
+                count_flops(2 * x2.dim(0)? * self.weight.elem_count());
                 let mut y = frozen_linear(&x2, &self.weight)?;
                 if let Some(b) = &self.bias {
                     y = y.broadcast_add(b)?;
@@ -271,6 +286,8 @@ impl Adaptable {
                 stride, padding, ..
             } => {
                 let mut y = frozen_conv2d(x, &self.weight, &self.grad_kernel, stride, padding)?;
+                let (b, _, h, w) = y.dims4()?;
+                count_flops(2 * b * h * w * self.weight.elem_count());
                 if let Some(b) = &self.bias {
                     y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
                 }
@@ -334,30 +351,40 @@ pub struct Loader<'a> {
 }
 
 impl Loader<'_> {
-    pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        self.weights.get(name, self.dtype, &self.device)
+    /// A tensor of the expected shape (a checkpoint that disagrees gets an error naming the tensor).
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights
+            .get_shaped(name, shape, self.dtype, &self.device)
     }
 
     /// Norm parameters stay in f32: they are tiny and the norms compute in f32.
-    pub fn tensor_f32(&self, name: &str) -> Result<Tensor> {
-        self.weights.get(name, DType::F32, &self.device)
+    fn tensor_f32(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights
+            .get_shaped(name, shape, DType::F32, &self.device)
     }
 
-    pub fn linear(&self, path: &str, bias: bool) -> Result<Adaptable> {
-        let weight = self.tensor(&format!("{path}.weight"))?;
+    pub fn linear(&self, path: &str, cin: usize, cout: usize, bias: bool) -> Result<Adaptable> {
+        let weight = self.tensor(&format!("{path}.weight"), &[cout, cin])?;
         let bias = if bias {
-            Some(self.tensor(&format!("{path}.bias"))?)
+            Some(self.tensor(&format!("{path}.bias"), &[cout])?)
         } else {
             None
         };
         Ok(Adaptable::new(path, weight, bias, AdapterShape::Linear))
     }
 
-    /// A conv2d (square kernel, bias) whose kernel size comes from the stored weight.
-    pub fn conv(&self, path: &str, stride: usize, padding: usize) -> Result<Adaptable> {
-        let weight = self.tensor(&format!("{path}.weight"))?;
-        let kernel = weight.dim(3)?;
-        let bias = Some(self.tensor(&format!("{path}.bias"))?);
+    /// A conv2d with a square `kernel` and a bias.
+    pub fn conv(
+        &self,
+        path: &str,
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Adaptable> {
+        let weight = self.tensor(&format!("{path}.weight"), &[cout, cin, kernel, kernel])?;
+        let bias = Some(self.tensor(&format!("{path}.bias"), &[cout])?);
         Ok(Adaptable::new(
             path,
             weight,
@@ -370,32 +397,40 @@ impl Loader<'_> {
         ))
     }
 
-    /// A Linear or a 1×1 Conv, whichever the stored weight is (SD1's proj_in/proj_out are convs, SD2's linear).
-    pub fn linear_or_1x1(&self, path: &str) -> Result<Adaptable> {
-        let rank = self
-            .weights
-            .shape(&format!("{path}.weight"))
-            .map_or(2, |s| s.len());
-        if rank == 4 {
-            self.conv(path, 1, 0)
+    /// A projection that is a 1×1 conv (SD1's proj_in/proj_out) or a Linear (SD2's).
+    pub fn projection(
+        &self,
+        path: &str,
+        cin: usize,
+        cout: usize,
+        as_conv: bool,
+    ) -> Result<Adaptable> {
+        if as_conv {
+            self.conv(path, cin, cout, 1, 1, 0)
         } else {
-            self.linear(path, true)
+            self.linear(path, cin, cout, true)
         }
     }
 
-    pub fn group_norm(&self, path: &str, groups: usize, eps: f64) -> Result<GroupNorm> {
+    pub fn group_norm(
+        &self,
+        path: &str,
+        channels: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<GroupNorm> {
         Ok(GroupNorm {
-            weight: self.tensor_f32(&format!("{path}.weight"))?,
-            bias: self.tensor_f32(&format!("{path}.bias"))?,
+            weight: self.tensor_f32(&format!("{path}.weight"), &[channels])?,
+            bias: self.tensor_f32(&format!("{path}.bias"), &[channels])?,
             groups,
             eps,
         })
     }
 
-    pub fn layer_norm(&self, path: &str, eps: f64) -> Result<LayerNorm> {
+    pub fn layer_norm(&self, path: &str, channels: usize, eps: f64) -> Result<LayerNorm> {
         Ok(LayerNorm {
-            weight: self.tensor_f32(&format!("{path}.weight"))?,
-            bias: self.tensor_f32(&format!("{path}.bias"))?,
+            weight: self.tensor_f32(&format!("{path}.weight"), &[channels])?,
+            bias: self.tensor_f32(&format!("{path}.bias"), &[channels])?,
             eps,
         })
     }
@@ -474,6 +509,7 @@ pub fn attention(
         split(v)?,
     );
     let kt = k.t()?.contiguous()?;
+    count_flops(4 * b * heads * nq * k.dim(1)? * d);
     let step = chunk.filter(|c| *c > 0 && *c < nq).unwrap_or(nq);
     let mut outs = Vec::with_capacity(nq.div_ceil(step));
     for start in (0..nq).step_by(step) {

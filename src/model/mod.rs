@@ -1,7 +1,11 @@
 //! Networks and their weights: checkpoint loading, the adapter-ready layers, the UNet, the text encoder and VAE.
 
-pub mod weights;
 pub mod adapters;
+pub mod checkpoint;
 pub mod layers;
 pub mod recompute;
+pub mod text_encoder;
+pub mod tokenizer;
 pub mod unet;
+pub mod vae;
+pub mod weights;

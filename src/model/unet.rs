@@ -4,58 +4,48 @@
 use super::layers::{Adaptable, GroupNorm, LayerNorm, Loader, attention};
 use super::recompute::{BlockFn, GradSink, checkpoint};
 use candle_core::{DType, Device, Result, Tensor, Var};
-use serde::Deserialize;
 use std::sync::Arc;
 
-/// The UNet's shape, as diffusers' `unet/config.json` states it.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-pub struct UNetConfig {
-    #[serde(default = "four")]
-    pub in_channels: usize,
-    #[serde(default = "four")]
-    pub out_channels: usize,
-    pub block_out_channels: Vec<usize>,
-    pub layers_per_block: usize,
-    pub down_block_types: Vec<String>,
-    pub up_block_types: Vec<String>,
-    /// Heads per block (diffusers' historical name): one number for all blocks or one per down block.
-    pub attention_head_dim: HeadCount,
-    pub cross_attention_dim: usize,
-    #[serde(default)]
-    pub use_linear_projection: bool,
-    #[serde(default = "thirty_two")]
-    pub norm_num_groups: usize,
-    #[serde(default = "norm_eps")]
-    pub norm_eps: f64,
-}
-
-fn four() -> usize {
-    4
-}
-fn thirty_two() -> usize {
-    32
-}
-fn norm_eps() -> f64 {
-    1e-5
-}
-
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum HeadCount {
-    All(usize),
-    PerBlock(Vec<usize>),
-}
+pub use super::checkpoint::{PerBlock, UNetConfig};
 
 impl UNetConfig {
-    fn heads(&self, block: usize) -> usize {
-        match &self.attention_head_dim {
-            HeadCount::All(n) => *n,
-            HeadCount::PerBlock(v) => v[block.min(v.len() - 1)],
-        }
+    /// Width of the time embedding.
+    fn time_dim(&self) -> usize {
+        4 * self.block_out_channels[0]
     }
 
-    fn has_attention(kind: &str) -> bool {
-        kind.starts_with("CrossAttn")
+    /// Stable Diffusion 1.x (860 M parameters), for benchmarks on random weights.
+    pub fn sd15() -> Self {
+        let names = |v: [&str; 4]| v.map(str::to_owned).to_vec();
+        UNetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            sample_size: 64,
+            block_out_channels: vec![320, 640, 1280, 1280],
+            layers_per_block: 2,
+            attention_head_dim: PerBlock::One(8),
+            num_attention_heads: None,
+            cross_attention_dim: 768,
+            use_linear_projection: false,
+            norm_num_groups: 32,
+            norm_eps: 1e-5,
+            down_block_types: names([
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]),
+            up_block_types: names([
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]),
+            transformer_layers_per_block: PerBlock::One(1),
+            upcast_attention: false,
+            flip_sin_to_cos: true,
+            freq_shift: 0,
+        }
     }
 }
 
@@ -81,13 +71,18 @@ impl Resnet {
     fn load(l: &Loader, path: &str, cin: usize, cout: usize, cfg: &UNetConfig) -> Result<Self> {
         let g = cfg.norm_num_groups;
         Ok(Resnet {
-            norm1: l.group_norm(&format!("{path}.norm1"), g, cfg.norm_eps)?,
-            conv1: l.conv(&format!("{path}.conv1"), 1, 1)?,
-            time_emb_proj: l.linear(&format!("{path}.time_emb_proj"), true)?,
-            norm2: l.group_norm(&format!("{path}.norm2"), g, cfg.norm_eps)?,
-            conv2: l.conv(&format!("{path}.conv2"), 1, 1)?,
+            norm1: l.group_norm(&format!("{path}.norm1"), cin, g, cfg.norm_eps)?,
+            conv1: l.conv(&format!("{path}.conv1"), cin, cout, 3, 1, 1)?,
+            time_emb_proj: l.linear(
+                &format!("{path}.time_emb_proj"),
+                cfg.time_dim(),
+                cout,
+                true,
+            )?,
+            norm2: l.group_norm(&format!("{path}.norm2"), cout, g, cfg.norm_eps)?,
+            conv2: l.conv(&format!("{path}.conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut: if cin != cout {
-                Some(l.conv(&format!("{path}.conv_shortcut"), 1, 0)?)
+                Some(l.conv(&format!("{path}.conv_shortcut"), cin, cout, 1, 1, 0)?)
             } else {
                 None
             },
@@ -126,12 +121,14 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+    /// Attention over `c` channels whose keys and values come from `kv` channels (the text context for
+    /// cross-attention).
+    fn load(l: &Loader, path: &str, c: usize, kv: usize, heads: usize) -> Result<Self> {
         Ok(Attention {
-            to_q: l.linear(&format!("{path}.to_q"), false)?,
-            to_k: l.linear(&format!("{path}.to_k"), false)?,
-            to_v: l.linear(&format!("{path}.to_v"), false)?,
-            to_out: l.linear(&format!("{path}.to_out.0"), true)?,
+            to_q: l.linear(&format!("{path}.to_q"), c, c, false)?,
+            to_k: l.linear(&format!("{path}.to_k"), kv, c, false)?,
+            to_v: l.linear(&format!("{path}.to_v"), kv, c, false)?,
+            to_out: l.linear(&format!("{path}.to_out.0"), c, c, true)?,
             heads,
         })
     }
@@ -165,15 +162,16 @@ struct TransformerBlock {
 }
 
 impl TransformerBlock {
-    fn load(l: &Loader, path: &str, heads: usize) -> Result<Self> {
+    fn load(l: &Loader, path: &str, c: usize, context: usize, heads: usize) -> Result<Self> {
         Ok(TransformerBlock {
-            norm1: l.layer_norm(&format!("{path}.norm1"), 1e-5)?,
-            attn1: Attention::load(l, &format!("{path}.attn1"), heads)?,
-            norm2: l.layer_norm(&format!("{path}.norm2"), 1e-5)?,
-            attn2: Attention::load(l, &format!("{path}.attn2"), heads)?,
-            norm3: l.layer_norm(&format!("{path}.norm3"), 1e-5)?,
-            ff_in: l.linear(&format!("{path}.ff.net.0.proj"), true)?,
-            ff_out: l.linear(&format!("{path}.ff.net.2"), true)?,
+            norm1: l.layer_norm(&format!("{path}.norm1"), c, 1e-5)?,
+            attn1: Attention::load(l, &format!("{path}.attn1"), c, c, heads)?,
+            norm2: l.layer_norm(&format!("{path}.norm2"), c, 1e-5)?,
+            attn2: Attention::load(l, &format!("{path}.attn2"), c, context, heads)?,
+            norm3: l.layer_norm(&format!("{path}.norm3"), c, 1e-5)?,
+            // GEGLU: 4c hidden units, projected to twice that (value and gate).
+            ff_in: l.linear(&format!("{path}.ff.net.0.proj"), c, 8 * c, true)?,
+            ff_out: l.linear(&format!("{path}.ff.net.2"), 4 * c, c, true)?,
         })
     }
 
@@ -209,29 +207,27 @@ struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
+    /// The attention module of UNet level `level` (down-block numbering; the mid block is the last level).
     fn load(
         l: &Loader,
         path: &str,
-        heads: usize,
+        level: usize,
         cfg: &UNetConfig,
         chunk: Option<usize>,
     ) -> Result<Self> {
-        let mut blocks = Vec::new();
-        while l.weights.contains(&format!(
-            "{path}.transformer_blocks.{}.norm1.weight",
-            blocks.len()
-        )) {
-            blocks.push(TransformerBlock::load(
-                l,
-                &format!("{path}.transformer_blocks.{}", blocks.len()),
-                heads,
-            )?);
-        }
+        let (c, heads) = (cfg.block_out_channels[level], cfg.heads(level));
+        let conv = !cfg.use_linear_projection;
+        let blocks = (0..cfg.transformer_layers_per_block.get(level))
+            .map(|k| {
+                let p = format!("{path}.transformer_blocks.{k}");
+                TransformerBlock::load(l, &p, c, cfg.cross_attention_dim, heads)
+            })
+            .collect::<Result<_>>()?;
         Ok(SpatialTransformer {
-            norm: l.group_norm(&format!("{path}.norm"), cfg.norm_num_groups, 1e-6)?,
-            proj_in: l.linear_or_1x1(&format!("{path}.proj_in"))?,
+            norm: l.group_norm(&format!("{path}.norm"), c, cfg.norm_num_groups, 1e-6)?,
+            proj_in: l.projection(&format!("{path}.proj_in"), c, c, conv)?,
             blocks,
-            proj_out: l.linear_or_1x1(&format!("{path}.proj_out"))?,
+            proj_out: l.projection(&format!("{path}.proj_out"), c, c, conv)?,
             chunk,
         })
     }
@@ -324,42 +320,31 @@ impl UNet {
                 &l, &path, cin, cout, cfg,
             )?)))
         };
-        let attn = |path: String, heads| -> Result<Step> {
-            Ok(Step::Attention(Arc::new(SpatialTransformer::load(
-                &l,
-                &path,
-                heads,
-                cfg,
-                options.attention_chunk,
-            )?)))
+        let attn = |path: String, level| -> Result<Step> {
+            let t = SpatialTransformer::load(&l, &path, level, cfg, options.attention_chunk)?;
+            Ok(Step::Attention(Arc::new(t)))
         };
         let mut cin = ch[0];
-        for (i, kind) in cfg.down_block_types.iter().enumerate() {
+        for (i, &c) in ch.iter().enumerate() {
             for j in 0..cfg.layers_per_block {
-                steps.push(res(format!("down_blocks.{i}.resnets.{j}"), cin, ch[i])?);
-                cin = ch[i];
-                if UNetConfig::has_attention(kind) {
-                    steps.push(attn(
-                        format!("down_blocks.{i}.attentions.{j}"),
-                        cfg.heads(i),
-                    )?);
+                steps.push(res(format!("down_blocks.{i}.resnets.{j}"), cin, c)?);
+                cin = c;
+                if cfg.down_has_attention(i) {
+                    steps.push(attn(format!("down_blocks.{i}.attentions.{j}"), i)?);
                 }
                 steps.push(Step::Skip);
             }
             if i + 1 < n {
-                steps.push(Step::Down(l.conv(
-                    &format!("down_blocks.{i}.downsamplers.0.conv"),
-                    2,
-                    1,
-                )?));
+                let path = format!("down_blocks.{i}.downsamplers.0.conv");
+                steps.push(Step::Down(l.conv(&path, c, c, 3, 2, 1)?));
                 steps.push(Step::Skip);
             }
         }
         steps.push(res("mid_block.resnets.0".into(), ch[n - 1], ch[n - 1])?);
-        steps.push(attn("mid_block.attentions.0".into(), cfg.heads(n - 1))?);
+        steps.push(attn("mid_block.attentions.0".into(), n - 1)?);
         steps.push(res("mid_block.resnets.1".into(), ch[n - 1], ch[n - 1])?);
         let mut prev = ch[n - 1];
-        for (i, kind) in cfg.up_block_types.iter().enumerate() {
+        for i in 0..n {
             let out = ch[n - 1 - i];
             let skip_in = ch[(n - 1 - i).saturating_sub(1)];
             for j in 0..=cfg.layers_per_block {
@@ -371,31 +356,30 @@ impl UNet {
                 let rin = if j == 0 { prev } else { out };
                 steps.push(Step::Concat);
                 steps.push(res(format!("up_blocks.{i}.resnets.{j}"), rin + skip, out)?);
-                if UNetConfig::has_attention(kind) {
-                    steps.push(attn(
-                        format!("up_blocks.{i}.attentions.{j}"),
-                        cfg.heads(n - 1 - i),
-                    )?);
+                if cfg.up_has_attention(i) {
+                    steps.push(attn(format!("up_blocks.{i}.attentions.{j}"), n - 1 - i)?);
                 }
             }
             prev = out;
             if i + 1 < n {
-                steps.push(Step::Up(l.conv(
-                    &format!("up_blocks.{i}.upsamplers.0.conv"),
-                    1,
-                    1,
-                )?));
+                let path = format!("up_blocks.{i}.upsamplers.0.conv");
+                steps.push(Step::Up(l.conv(&path, out, out, 3, 1, 1)?));
             }
         }
         Ok(UNet {
             config: cfg.clone(),
             options,
-            conv_in: l.conv("conv_in", 1, 1)?,
-            time_1: l.linear("time_embedding.linear_1", true)?,
-            time_2: l.linear("time_embedding.linear_2", true)?,
+            conv_in: l.conv("conv_in", cfg.in_channels, ch[0], 3, 1, 1)?,
+            time_1: l.linear("time_embedding.linear_1", ch[0], cfg.time_dim(), true)?,
+            time_2: l.linear(
+                "time_embedding.linear_2",
+                cfg.time_dim(),
+                cfg.time_dim(),
+                true,
+            )?,
             steps,
-            norm_out: l.group_norm("conv_norm_out", cfg.norm_num_groups, cfg.norm_eps)?,
-            conv_out: l.conv("conv_out", 1, 1)?,
+            norm_out: l.group_norm("conv_norm_out", ch[0], cfg.norm_num_groups, cfg.norm_eps)?,
+            conv_out: l.conv("conv_out", ch[0], cfg.out_channels, 3, 1, 1)?,
             sink: GradSink::default(),
         })
     }

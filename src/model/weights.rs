@@ -17,6 +17,25 @@ pub trait Weights: Send + Sync {
     fn contains(&self, name: &str) -> bool {
         self.shape(name).is_some()
     }
+
+    /// `get`, checking the tensor has the `shape` the network needs.
+    fn get_shaped(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = self.get(name, dtype, device)?;
+        if t.dims() != shape {
+            candle_core::bail!(
+                "`{name}` has shape {:?} in the checkpoint but the network needs {shape:?}: the file is not the \
+                 model it appears to be, or its config does not match it",
+                t.dims()
+            );
+        }
+        Ok(t)
+    }
 }
 
 /// A view of another source under a name prefix: `prefixed(w, "unet")` answers `conv_in.weight` with
@@ -52,6 +71,16 @@ impl Weights for Prefixed<'_> {
             .filter_map(|n| n.strip_prefix(&self.prefix).map(str::to_owned))
             .collect()
     }
+    fn get_shaped(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        self.inner
+            .get_shaped(&format!("{}{name}", self.prefix), shape, dtype, device)
+    }
 }
 
 /// Tensors held in memory (random test models, tensors converted at load time).
@@ -76,6 +105,41 @@ impl Weights for MemoryWeights {
     }
     fn names(&self) -> Vec<String> {
         self.tensors.keys().cloned().collect()
+    }
+}
+
+/// Random weights of whatever shape a network asks for: full-size architectures for benchmarks without a
+/// checkpoint. Matrices and kernels ~ N(0, 1/fan_in), norm weights 1, biases 0.
+pub struct RandomWeights;
+
+impl Weights for RandomWeights {
+    fn get(&self, name: &str, _dtype: DType, _device: &Device) -> Result<Tensor> {
+        candle_core::bail!(
+            "random weights are made for a requested shape; `{name}` was asked for without one"
+        )
+    }
+    fn shape(&self, _name: &str) -> Option<Vec<usize>> {
+        None
+    }
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn get_shaped(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let t = match shape.len() {
+            1 if name.ends_with(".weight") => Tensor::ones(shape, DType::F32, device)?,
+            1 => Tensor::zeros(shape, DType::F32, device)?,
+            _ => {
+                let fan_in: usize = shape[1..].iter().product();
+                Tensor::randn(0f32, (1.0 / fan_in as f64).sqrt() as f32, shape, device)?
+            }
+        };
+        t.to_dtype(dtype)
     }
 }
 

@@ -3,3 +3,4 @@
 pub mod config;
 pub mod lr;
 pub mod optim;
+pub mod step;

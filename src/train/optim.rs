@@ -67,20 +67,21 @@ impl Optimizer {
 
     /// The global L2 norm of the gradients of all variables.
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut total = 0f64;
+        // Summed on the device and read once: one host sync, not one per variable.
+        let mut total: Option<Tensor> = None;
         for g in self
             .groups
             .iter()
             .flat_map(|g| &g.vars)
             .filter_map(|v| grads.get(v))
         {
-            total += g
-                .to_dtype(DType::F32)?
-                .sqr()?
-                .sum_all()?
-                .to_scalar::<f32>()? as f64;
+            let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+            total = Some(match total {
+                Some(t) => (t + sq)?,
+                None => sq,
+            });
         }
-        Ok(total.sqrt())
+        Ok(total.map_or(Ok(0.0), |t| t.to_scalar::<f32>())?.sqrt() as f64)
     }
 
     /// One update with each group's learning rate times `lr_factor`, after clipping the global gradient norm to

@@ -1,0 +1,248 @@
+//! `lora-studio bench train`: step time, peak device memory and achieved FLOP/s of LoRA training on a
+//! full-size architecture with random weights — the figures compared with the PyTorch reference
+//! (`torch_ref_bench.py`, same config, resolution, batch, rank, targets and recompute).
+
+use crate::model::layers::take_forward_flops;
+use crate::model::unet::{UNet, UNetConfig, UNetOptions};
+use crate::model::weights::RandomWeights;
+use crate::sample::{NoiseSchedule, Prediction};
+use crate::train::optim::{Group, Optimizer, OptimizerKind, OptimizerParams};
+use crate::train::step::{LossOptions, diffusion_loss};
+use candle_core::{DType, Tensor};
+use clap::{Args, ValueEnum};
+use rand::{Rng, SeedableRng};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BenchFamily {
+    /// Stable Diffusion 1.5 (860 M-parameter UNet).
+    Sd15,
+    /// A tiny SD-shaped UNet, for checking the command on a CPU.
+    Tiny,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BenchPrecision {
+    /// bf16 on a GPU, fp32 on the CPU (whose matmuls have no bf16).
+    Auto,
+    Bf16,
+    Fp16,
+    Fp32,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainBench {
+    #[arg(long, value_enum, default_value = "sd15")]
+    family: BenchFamily,
+    #[arg(long, default_value_t = 512)]
+    resolution: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    #[arg(long, value_enum, default_value = "on")]
+    recompute: OnOff,
+    #[arg(long, value_enum, default_value = "auto")]
+    precision: BenchPrecision,
+    /// Timed steps (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Result_ {
+    device: String,
+    family: String,
+    resolution: usize,
+    batch: usize,
+    rank: usize,
+    recompute: bool,
+    precision: String,
+    adapters: usize,
+    median_step_ms: f64,
+    min_step_ms: f64,
+    it_per_s: f64,
+    peak_mib: Option<f64>,
+    free_before_mib: Option<f64>,
+    free_after_mib: Option<f64>,
+    total_mib: Option<f64>,
+    tflop_per_step: f64,
+    tflop_per_s: f64,
+    loss_finite: bool,
+}
+
+fn tiny() -> UNetConfig {
+    UNetConfig {
+        block_out_channels: vec![32, 64],
+        down_block_types: vec!["CrossAttnDownBlock2D".into(), "DownBlock2D".into()],
+        up_block_types: vec!["UpBlock2D".into(), "CrossAttnUpBlock2D".into()],
+        attention_head_dim: crate::model::unet::PerBlock::One(2),
+        cross_attention_dim: 32,
+        norm_num_groups: 8,
+        layers_per_block: 1,
+        ..UNetConfig::sd15()
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+pub fn run(args: &TrainBench) -> Result<ExitCode, String> {
+    let r = bench(args).map_err(|e| format!("bench train failed: {e}"))?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?
+        );
+    } else {
+        print_table(&r);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
+    let (device, warning) = crate::device::best();
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    let dtype = match args.precision {
+        BenchPrecision::Auto if device.is_cpu() => DType::F32,
+        BenchPrecision::Auto | BenchPrecision::Bf16 => DType::BF16,
+        BenchPrecision::Fp16 => DType::F16,
+        BenchPrecision::Fp32 => DType::F32,
+    };
+    let config = match args.family {
+        BenchFamily::Sd15 => UNetConfig::sd15(),
+        BenchFamily::Tiny => tiny(),
+    };
+    crate::device::reset_peak(&device);
+    let free_before = crate::device::memory(&device);
+    let options = UNetOptions {
+        recompute: args.recompute == OnOff::On,
+        attention_chunk: None,
+    };
+    let mut unet = UNet::load(&RandomWeights, &config, options, dtype, &device)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut vars = Vec::new();
+    for layer in unet.layers_mut()? {
+        let attn = [".to_q", ".to_k", ".to_v", ".to_out.0"]
+            .iter()
+            .any(|s| layer.path.ends_with(s));
+        if attn {
+            let a = layer.add_adapter(args.rank, args.rank as f64, &mut rng)?;
+            vars.extend([a.down.clone(), a.up.clone()]);
+        }
+    }
+    let adapters = vars.len() / 2;
+    let mut opt = Optimizer::new(
+        OptimizerKind::AdamW,
+        OptimizerParams::default(),
+        vec![Group { vars, lr: 1e-4 }],
+    );
+    let (b, side) = (args.batch, args.resolution / 8);
+    let latents = Tensor::randn(0f32, 1.0, (b, 4, side, side), &device)?;
+    let context =
+        Tensor::randn(0f32, 1.0, (b, 77, config.cross_attention_dim), &device)?.to_dtype(dtype)?;
+    let schedule = NoiseSchedule::stable_diffusion();
+    let loss_opts = LossOptions {
+        prediction: Prediction::Epsilon,
+        min_snr_gamma: 0.0,
+    };
+
+    // Forward FLOPs, counted on one plain forward; a training step is counted as the reference counts it:
+    // forward + backward (2× forward), plus one more forward when blocks are recomputed.
+    take_forward_flops();
+    let t = Tensor::from_vec(vec![500f32; b], b, &device)?;
+    drop(unet.forward(&latents, &t, &context)?);
+    let fwd = take_forward_flops() as f64;
+    let flop_step = fwd * if options.recompute { 4.0 } else { 3.0 };
+
+    let mut times = Vec::new();
+    let mut loss_finite = true;
+    for i in 0..args.warmup + args.steps {
+        let timesteps: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000)).collect();
+        let noise = Tensor::randn(0f32, 1.0, latents.shape(), &device)?;
+        device.synchronize()?;
+        let start = Instant::now();
+        let loss = diffusion_loss(
+            &unet, &schedule, loss_opts, &latents, &context, &timesteps, &noise,
+        )?;
+        let grads = unet.backward(&loss)?;
+        loss_finite &= loss.to_scalar::<f32>()?.is_finite();
+        drop(loss);
+        opt.step(&grads, 1.0, 1.0)?;
+        drop(grads);
+        device.synchronize()?;
+        if i >= args.warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let free_after = crate::device::memory(&device);
+    Ok(Result_ {
+        device: crate::device::describe(&device),
+        family: format!("{:?}", args.family).to_lowercase(),
+        resolution: args.resolution,
+        batch: b,
+        rank: args.rank,
+        recompute: options.recompute,
+        precision: format!("{dtype:?}").to_lowercase(),
+        adapters,
+        median_step_ms: median,
+        min_step_ms: times[0],
+        it_per_s: 1e3 / median,
+        peak_mib: crate::device::peak(&device).map(|p| p as f64 / MIB),
+        free_before_mib: free_before.map(|m| m.0 as f64 / MIB),
+        free_after_mib: free_after.map(|m| m.0 as f64 / MIB),
+        total_mib: free_before.map(|m| m.1 as f64 / MIB),
+        tflop_per_step: flop_step / 1e12,
+        tflop_per_s: flop_step / 1e12 / (median / 1e3),
+        loss_finite,
+    })
+}
+
+fn print_table(r: &Result_) {
+    let mib = |v: Option<f64>| v.map_or("n/a (CPU)".to_owned(), |m| format!("{m:.0} MiB"));
+    println!(
+        "bench train: {} {} px, batch {}, rank {} attention LoRA ({} adapters), recompute {}, {}",
+        r.family,
+        r.resolution,
+        r.batch,
+        r.rank,
+        r.adapters,
+        if r.recompute { "on" } else { "off" },
+        r.precision
+    );
+    println!("device: {}", r.device);
+    println!("| measure | value |\n|---|---:|");
+    println!("| median step | {:.1} ms |", r.median_step_ms);
+    println!("| fastest step | {:.1} ms |", r.min_step_ms);
+    println!("| it/s | {:.2} |", r.it_per_s);
+    println!(
+        "| peak device memory (pool high-water mark) | {} |",
+        mib(r.peak_mib)
+    );
+    println!(
+        "| free before / after | {} / {} of {} |",
+        mib(r.free_before_mib),
+        mib(r.free_after_mib),
+        mib(r.total_mib)
+    );
+    println!(
+        "| FLOP per step (fwd + 2×bwd{}) | {:.3} T |",
+        if r.recompute { " + recompute" } else { "" },
+        r.tflop_per_step
+    );
+    println!("| achieved | {:.2} TFLOP/s |", r.tflop_per_s);
+}
