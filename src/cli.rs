@@ -12,6 +12,7 @@ use std::sync::atomic::AtomicBool;
 
 mod bench;
 mod bench_train;
+mod sample;
 
 #[derive(Parser, Debug)]
 #[command(name = "lora-studio", version, about = "Train LoRA adapters for image-generation models.", long_about = None)]
@@ -31,6 +32,8 @@ pub enum Command {
     /// Check and edit a dataset folder.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Generate an image from a checkpoint, optionally with LoRAs.
+    Sample(sample::SampleArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -119,6 +122,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Some(Command::Gui { dataset }) => crate::app::run_gui(dataset).map(|()| ExitCode::SUCCESS),
         Some(Command::Dataset(cmd)) => dataset(cmd),
         Some(Command::Bench(cmd)) => bench::run(cmd),
+        Some(Command::Sample(args)) => sample::run(&args),
     }
 }
 

@@ -46,21 +46,7 @@ impl std::fmt::Display for Family {
     }
 }
 
-/// What the UNet predicts: the added noise, or v = α·noise − σ·x₀ (SD 2.x 768-v models).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Prediction {
-    Epsilon,
-    V,
-}
-
-impl std::fmt::Display for Prediction {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Prediction::Epsilon => "epsilon-prediction",
-            Prediction::V => "v-prediction",
-        })
-    }
-}
+pub use crate::sample::Prediction;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Layout {
@@ -251,7 +237,7 @@ impl ModelFiles {
             "{} ({encoder} text encoder, {}-wide context), {} ({}); {precision}, {} parameters ({}); {layout}",
             self.family,
             self.unet_config.cross_attention_dim,
-            self.prediction,
+            self.prediction.describe(),
             self.prediction_reason,
             si(s.parameters, ""),
             si(s.bytes, "B"),

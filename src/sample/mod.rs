@@ -2,6 +2,7 @@
 //! model function from noise to latents. Independent of the networks: the model is a closure.
 
 pub mod noise;
+pub mod pipeline;
 pub mod samplers;
 pub mod schedule;
 

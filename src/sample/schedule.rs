@@ -10,7 +10,7 @@ use std::fmt;
 use std::str::FromStr;
 
 /// What the network predicts from a noisy sample.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Prediction {
     /// The added noise ε (SD 1.x, SD 2.x-base, SDXL).
     Epsilon,
@@ -19,6 +19,14 @@ pub enum Prediction {
 }
 
 impl Prediction {
+    /// "epsilon-prediction" / "v-prediction", for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Prediction::Epsilon => "epsilon-prediction",
+            Prediction::V => "v-prediction",
+        }
+    }
+
     /// The clean-sample estimate x0 from the model `output` for `sample` = x_t at cumulative alpha `alpha_cumprod`.
     pub fn x0(self, sample: &Tensor, output: &Tensor, alpha_cumprod: f64) -> Result<Tensor> {
         let (signal, noise) = coefficients(alpha_cumprod);
