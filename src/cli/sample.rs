@@ -79,7 +79,7 @@ pub fn run(a: &SampleArgs) -> Result<ExitCode, String> {
         );
     }
     let f = p.model.vae_config.downsample_factor();
-    if a.width % f != 0 || a.height % f != 0 {
+    if !a.width.is_multiple_of(f) || !a.height.is_multiple_of(f) {
         return Err(format!(
             "--width and --height must be multiples of {f} for this model"
         ));
