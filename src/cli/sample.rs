@@ -34,6 +34,9 @@ pub struct SampleArgs {
     width: usize,
     #[arg(long, default_value_t = 512)]
     height: usize,
+    /// What the model predicts, when the detection (shown on start) is wrong: epsilon or v.
+    #[arg(long)]
+    prediction: Option<crate::sample::Prediction>,
     /// 2 uses the text encoder's penultimate layer (common for anime models).
     #[arg(long, default_value_t = 1)]
     clip_skip: usize,
@@ -67,6 +70,9 @@ pub fn run(a: &SampleArgs) -> Result<ExitCode, String> {
     };
     let mut p = Pipeline::load(&a.model, a.vae.as_deref(), &a.loras, &device, dtype)?;
     p.clip_skip = a.clip_skip;
+    if let Some(pr) = a.prediction {
+        p.model.prediction = pr;
+    }
     eprintln!("model: {}", p.model.describe());
     for w in &p.warnings {
         eprintln!("warning: {w}");
