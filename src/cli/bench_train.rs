@@ -80,6 +80,34 @@ struct Result_ {
     tflop_per_step: f64,
     tflop_per_s: f64,
     loss_finite: bool,
+    /// Phases of one extra step, synchronised between them.
+    forward_ms: f64,
+    backward_ms: f64,
+    optimizer_ms: f64,
+}
+
+/// Wall time between device synchronisations.
+struct Lap<'a> {
+    device: &'a candle_core::Device,
+    at: Instant,
+}
+
+impl<'a> Lap<'a> {
+    fn new(device: &'a candle_core::Device) -> candle_core::Result<Self> {
+        device.synchronize()?;
+        Ok(Lap {
+            device,
+            at: Instant::now(),
+        })
+    }
+
+    /// Milliseconds since the last lap, after the device finished its work.
+    fn next(&mut self) -> candle_core::Result<f64> {
+        self.device.synchronize()?;
+        let ms = self.at.elapsed().as_secs_f64() * 1e3;
+        self.at = Instant::now();
+        Ok(ms)
+    }
 }
 
 fn tiny() -> UNetConfig {
@@ -189,6 +217,20 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    // One more step, synchronised between phases, to show where the time goes.
+    let timesteps: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000)).collect();
+    let noise = Tensor::randn(0f32, 1.0, latents.shape(), &device)?;
+    let mut lap = Lap::new(&device)?;
+    let loss = diffusion_loss(
+        &unet, &schedule, loss_opts, &latents, &context, &timesteps, &noise,
+    )?;
+    let forward_ms = lap.next()?;
+    let grads = unet.backward(&loss)?;
+    drop(loss);
+    let backward_ms = lap.next()?;
+    opt.step(&grads, 1.0, 1.0)?;
+    drop(grads);
+    let optimizer_ms = lap.next()?;
     let free_after = crate::device::memory(&device);
     Ok(Result_ {
         device: crate::device::describe(&device),
@@ -209,6 +251,9 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
         tflop_per_step: flop_step / 1e12,
         tflop_per_s: flop_step / 1e12 / (median / 1e3),
         loss_finite,
+        forward_ms,
+        backward_ms,
+        optimizer_ms,
     })
 }
 
@@ -245,4 +290,8 @@ fn print_table(r: &Result_) {
         r.tflop_per_step
     );
     println!("| achieved | {:.2} TFLOP/s |", r.tflop_per_s);
+    println!(
+        "| one step by phase: forward / backward / optimizer | {:.1} / {:.1} / {:.1} ms |",
+        r.forward_ms, r.backward_ms, r.optimizer_ms
+    );
 }
