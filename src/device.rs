@@ -62,7 +62,7 @@ pub fn reset_peak(device: &Device) {
 fn pool_attribute(device: &Device, reset: bool) -> Option<u64> {
     use candle_core::cuda::cudarc::driver::sys;
     let cuda = device.as_cuda_device().ok()?;
-    cuda.synchronize().ok()?;
+    device.synchronize().ok()?;
     let ctx = cuda.cuda_stream().context().clone();
     let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
     let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;

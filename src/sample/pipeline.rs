@@ -190,8 +190,14 @@ impl Pipeline {
         progress: impl FnMut(usize, usize),
     ) -> candle_core::Result<image::RgbImage> {
         let latents = self.latents(req, progress)?;
-        let images = self.vae.decode(&self.vae.unscale(&latents)?)?;
-        Ok(tensor_to_images(&images)?.remove(0))
+        Ok(tensor_to_images(&self.decode(&latents)?)?.remove(0))
+    }
+
+    /// Latents as [`Pipeline::latents`] returns them → images `[B, 3, H, W]` in about [-1, 1], f32, before
+    /// any clipping or rounding (what `generate` turns into pixels).
+    pub fn decode(&self, latents: &Tensor) -> candle_core::Result<Tensor> {
+        self.vae
+            .decode(&self.vae.unscale(&latents.to_dtype(DType::F32)?)?)
     }
 }
 
