@@ -14,10 +14,16 @@ Writes, for the families ``sd1`` (SD 1.x shaped, epsilon prediction) and ``sd2v`
   lora_peft.safetensors    the same LoRA in diffusers/PEFT layout (unet.*.lora_A/B)
   fixture.json             every config value, shape and convention the tests need
 
+and, when ``<family>/lora_ours.safetensors`` exists (a LoRA file written by *our* ``save_kohya``, by the
+ignored Rust test ``write_lora_ours_fixture`` in tests/lora_roundtrip.rs; it is kept, not rewritten), loads it
+with diffusers' ``load_lora_weights``, checks that every module of the file got an adapter with the file's
+tensors and scale and nothing was left over, and records ``ours.*`` references with it loaded.
+
 plus ``tests/fixtures/sd_tiny/README.md`` describing all of it.
 
 Run from the repository root (CPU only, deterministic):
 
+    cargo test --test lora_roundtrip -- --ignored write_lora_ours_fixture   # only if lora_ours changed
     .venv-ref/bin/python tools/make_sd_reference.py
 
 Pinned versions: tools/requirements-reference.txt.  Nothing is downloaded: the
@@ -73,6 +79,9 @@ IMAGE = 32  # VAE input height/width (tiny VAE downsamples 2x)
 CFG = 3.0
 STEPS = 4
 LORA_RANK = 4
+OURS_FILE = "lora_ours.safetensors"  # written by our Rust save_kohya (tests/lora_roundtrip.rs), read here
+OURS_ADAPTER = "ours"
+KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 # Prompts tokenized with the tiny vocabulary.  Row 0 of te.input_ids is PROMPT,
 # row 1 is the empty (unconditional) prompt.
@@ -735,10 +744,20 @@ def build_family(name: str, fam: dict, out_root: Path, log) -> dict:
     seed = SEED + fam["seed_offset"]
     torch.manual_seed(seed)
     fdir = out_root / name
+    # lora_ours.safetensors is an input (written by our Rust code), not an output: keep it across the rewrite.
+    # With --out elsewhere it is taken from the committed fixtures.
+    ours_bytes = None
+    for cand in (fdir / OURS_FILE, DEFAULT_OUT / name / OURS_FILE):
+        if cand.is_file():
+            ours_bytes = cand.read_bytes()
+            log(f"[{name}] using {cand}")
+            break
     if fdir.exists():
         shutil.rmtree(fdir)
     ddir = fdir / "diffusers"
     ddir.mkdir(parents=True)
+    if ours_bytes is not None:
+        (fdir / OURS_FILE).write_bytes(ours_bytes)
 
     # ---- tokenizer
     tok_dir = ddir / "tokenizer"
@@ -874,11 +893,22 @@ def build_family(name: str, fam: dict, out_root: Path, log) -> dict:
         ref["sample.euler_out"], ref["sample.euler_trajectory"] = euler_out, euler_traj
         # The guided model output fed to each step, so a sampler can be checked without running a UNet.
         ref["sample.ddim_model_out"], ref["sample.euler_model_out"] = ddim_model_out, euler_model_out
+        ref["sample.ddim_image"] = decode_to_image(vae, ddim_out)
 
         # ---- LoRA
         lora = build_lora(unet, torch.Generator().manual_seed(seed + 20))
         merged = merge_lora(unet, lora, 1.0)
         ref["lora.unet_out"] = unet_forward(merged, x, t, ehs)
+
+    # diffusers' own StableDiffusionPipeline call gives the same image as the hand-written DDIM loop + decode
+    with torch.random.fork_rng(devices=[]):
+        check_pipeline_call(name, ddir, None, sched_cfg, lat0, ref["sample.ddim_image"], log)
+    ours_check = None
+    if ours_bytes is not None:
+        with torch.random.fork_rng(devices=[]):  # leave the global RNG as it was
+            ours_ref, ours_check = reference_with_lora_ours(
+                name, ddir, fdir / OURS_FILE, sched_cfg, x, t, ehs, ids, lat0, ref, log)
+        ref.update(ours_ref)
 
     for k, v in ref.items():
         check_sane(k, v)
@@ -915,6 +945,8 @@ def build_family(name: str, fam: dict, out_root: Path, log) -> dict:
                   "lora_peft": "lora_peft.safetensors"})
 
     verify_lora_with_diffusers(name, ddir, fdir, x, t, ehs, ref["lora.unet_out"], log)
+    if ours_check is not None:
+        files["lora_ours"] = OURS_FILE
 
     # ---- fixture.json
     heads, head_dims = [], []
@@ -1002,6 +1034,7 @@ def build_family(name: str, fam: dict, out_root: Path, log) -> dict:
             "kohya_metadata": kohya_meta,
             "peft_note": "lora_peft.safetensors has lora_B = lora_up * alpha/rank (scale baked in), no alpha keys",
         },
+        **({"lora_ours": ours_check} if ours_check is not None else {}),
         "reference_tensors": tensor_table(ref),
         "single_file_tensors": len(single),
     }
@@ -1048,6 +1081,185 @@ def verify_with_diffusers_single_file(name, single_path, ddir, unet_sd, vae_sd, 
             os.unlink(tmp.name)
 
 
+def decode_to_image(vae, latents):
+    """What StableDiffusionPipeline returns with output_type="pt": decode(latents / scaling_factor) mapped from
+    [-1, 1] to [0, 1] and clipped ([B, 3, H, W] float)."""
+    images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+    return (images * 0.5 + 0.5).clamp(0, 1)
+
+
+def ddim_pipeline(pipe, sched_cfg):
+    pipe.scheduler = DDIMScheduler.from_config(sched_cfg, clip_sample=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_pipeline_call(name, ddir, lora_path, sched_cfg, lat0, expected_image, log, pipe=None):
+    """Runs diffusers' StableDiffusionPipeline itself (prompt, empty negative, DDIM 4 steps, cfg 3, latents_in)
+    and checks its image against the reference made by the hand-written loop + decode."""
+    if pipe is None:
+        pipe = StableDiffusionPipeline.from_pretrained(str(ddir), local_files_only=True, safety_checker=None)
+    ddim_pipeline(pipe, sched_cfg)
+    with torch.no_grad():
+        img = pipe(PROMPT, negative_prompt="", num_inference_steps=STEPS, guidance_scale=CFG, eta=0.0,
+                   latents=lat0.clone(), height=IMAGE, width=IMAGE, output_type="pt").images
+    d = max_abs_diff(img, expected_image)
+    what = "without a LoRA" if lora_path is None else f"with {lora_path.name}"
+    log(f"[{name}] StableDiffusionPipeline(...) {what} vs the DDIM loop + decode: image max abs diff {d:.2e}")
+    if d > 1e-5:
+        raise AssertionError(f"{name}: the pipeline call {what} differs from the reference image by {d}")
+
+
+def te_module_path(module_name: str) -> str:
+    """transformers >= 5.6 names CLIPTextModel's modules without `text_model.`; LoRA files and our app use it."""
+    return module_name if module_name.startswith("text_model.") else "text_model." + module_name
+
+
+def kohya_modules(file_sd: dict, what: str) -> dict:
+    """{kohya module name: {suffix: tensor}} of a kohya file; every key must be a down/up/alpha tensor."""
+    by_module: dict[str, dict] = {}
+    for k, v in file_sd.items():
+        for suf in KOHYA_SUFFIXES:
+            if k.endswith(suf):
+                by_module.setdefault(k[: -len(suf)], {})[suf] = v
+                break
+        else:
+            raise AssertionError(f"{what}: key {k!r} is not a kohya LoRA tensor")
+    for m, parts in by_module.items():
+        if set(parts) != set(KOHYA_SUFFIXES):
+            raise AssertionError(f"{what}: module {m} has only {sorted(parts)}")
+    return by_module
+
+
+COMPONENTS = (("unet", "lora_unet_", lambda n: n), ("text_encoder", "lora_te_", te_module_path))
+
+
+def load_lora_checked(name, ddir, path: Path, log):
+    """A fresh pipeline with `path` loaded by diffusers' `load_lora_weights`, and the proof that it loaded all of
+    it and as written: the set of modules that received an adapter equals the file's modules (nothing left over,
+    nothing missing), every adapter holds the file's down/up tensors bit-exactly and applies the file's
+    alpha/rank, and diffusers/transformers/peft logged no warning (no "unexpected keys", no "No LoRA keys
+    associated", no ignored `alpha_pattern` entries)."""
+    import logging
+    import warnings
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    by_module = kohya_modules(load_file(str(path)), f"{name}/{path.name}")
+    pipe = StableDiffusionPipeline.from_pretrained(str(ddir), local_files_only=True, safety_checker=None)
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(f"{record.name}: {record.getMessage()}")
+
+    handler = Collect(level=logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "transformers", "peft")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    diffusers.logging.set_verbosity_warning()
+    transformers.logging.set_verbosity_warning()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=OURS_ADAPTER)
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+        diffusers.logging.set_verbosity_error()
+        transformers.logging.set_verbosity_error()
+    messages = records + [f"{w.category.__name__}: {w.message}" for w in caught]
+    if messages:
+        raise AssertionError(f"{name}: load_lora_weights({path.name}) warned: " + "\n".join(messages))
+
+    adapted: dict[str, tuple[str, nn.Module]] = {}
+    counts = {}
+    for comp, prefix, path_of in COMPONENTS:
+        counts[comp] = 0
+        for mname, mod in getattr(pipe, comp).named_modules():
+            if isinstance(mod, BaseTunerLayer) and OURS_ADAPTER in getattr(mod, "lora_A", {}):
+                adapted[prefix + path_of(mname).replace(".", "_")] = (f"{comp}.{path_of(mname)}", mod)
+                counts[comp] += 1
+    left_over = sorted(set(by_module) - set(adapted))
+    extra = sorted(set(adapted) - set(by_module))
+    if left_over or extra:
+        raise AssertionError(f"{name}: {path.name} modules without an adapter in diffusers: {left_over}; "
+                             f"adapters diffusers made that the file does not name: {extra}")
+    for kn, (mpath, mod) in sorted(adapted.items()):
+        parts = by_module[kn]
+        down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
+        a, b = mod.lora_A[OURS_ADAPTER].weight, mod.lora_B[OURS_ADAPTER].weight
+        if not (torch.equal(a, down) and torch.equal(b, up)):
+            raise AssertionError(f"{name}: diffusers' adapter on {mpath} does not hold the file's tensors")
+        scale = float(parts[".alpha"]) / down.shape[0]
+        if mod.scaling[OURS_ADAPTER] != scale:
+            raise AssertionError(f"{name}: diffusers scales {mpath} by {mod.scaling[OURS_ADAPTER]}, the file says "
+                                 f"alpha/rank = {scale}")
+    check = {
+        "file_modules": len(by_module),
+        "file_tensors": 3 * len(by_module),
+        "diffusers_adapted": counts,
+        "left_over_modules": left_over,
+        "diffusers_warnings": messages,
+        "alphas": sorted({float(p[".alpha"]) for p in by_module.values()}),
+    }
+    log(f"[{name}] load_lora_weights({path.name}): {len(by_module)} modules in the file, adapters on "
+        f"{counts['unet']} UNet + {counts['text_encoder']} text-encoder modules, each with the file's tensors "
+        f"and alpha/rank; nothing left over, no warnings")
+    return pipe, by_module, check
+
+
+def merge_kohya(model: nn.Module, by_module: dict, prefix: str, path_of) -> nn.Module:
+    """A copy of `model` with a kohya LoRA merged by hand: W += alpha/rank * up @ down (convs flattened)."""
+    merged = copy.deepcopy(model)
+    names = {prefix + path_of(n).replace(".", "_"): m for n, m in merged.named_modules()}
+    with torch.no_grad():
+        for kn, parts in by_module.items():
+            if not kn.startswith(prefix):
+                continue
+            down, up = parts[".lora_down.weight"], parts[".lora_up.weight"]
+            w = names[kn].weight
+            delta = (up.flatten(1) @ down.flatten(1)) * (float(parts[".alpha"]) / down.shape[0])
+            w.add_(delta.reshape(w.shape))
+    return merged
+
+
+def reference_with_lora_ours(name, ddir, path, sched_cfg, x, t, ehs, ids, lat0, ref, log):
+    """`ours.*` references with our own LoRA file loaded by diffusers' `load_lora_weights`, cross-checked
+    against the same file merged by hand (our application's arithmetic)."""
+    pipe, by_module, check = load_lora_checked(name, ddir, path, log)
+    out = {}
+    with torch.no_grad():
+        out["ours.unet_out"] = unet_forward(pipe.unet, x, t, ehs)
+        out["ours.te_last"] = pipe.text_encoder(ids).last_hidden_state
+        cond, uncond = out["ours.te_last"][0:1], out["ours.te_last"][1:2]
+        _, out["ours.ddim_out"], _, _ = sample_ddim(pipe.unet, sched_cfg, lat0, cond, uncond)
+        out["ours.ddim_image"] = decode_to_image(pipe.vae, out["ours.ddim_out"])
+
+        base = StableDiffusionPipeline.from_pretrained(str(ddir), local_files_only=True, safety_checker=None)
+        unet_m = merge_kohya(base.unet, by_module, "lora_unet_", COMPONENTS[0][2])
+        te_m = merge_kohya(base.text_encoder, by_module, "lora_te_", COMPONENTS[1][2])
+        hand = {"ours.unet_out": unet_forward(unet_m, x, t, ehs), "ours.te_last": te_m(ids).last_hidden_state}
+    for k, v in hand.items():
+        d = max_abs_diff(out[k], v)
+        log(f"[{name}] {k}: diffusers' load_lora_weights vs merged by hand: max abs diff {d:.2e}")
+        if d > 1e-4 * max(1.0, float(v.abs().max())):
+            raise AssertionError(f"{name}: {k} from load_lora_weights differs from the hand-merged LoRA by {d}")
+    check_pipeline_call(name, ddir, path, sched_cfg, lat0, out["ours.ddim_image"], log, pipe=pipe)
+    changes = {
+        "unet_out": max_abs_diff(out["ours.unet_out"], ref["unet.out"]),
+        "te_last": max_abs_diff(out["ours.te_last"], ref["te.last_hidden_state"]),
+        "ddim_out": max_abs_diff(out["ours.ddim_out"], ref["sample.ddim_out"]),
+        "ddim_image_mean_abs": float((out["ours.ddim_image"] - ref["sample.ddim_image"]).abs().mean()),
+    }
+    log(f"[{name}] lora_ours changes (max abs): unet.out {changes['unet_out']:.3f}, te.last_hidden_state "
+        f"{changes['te_last']:.3f}, ddim latents {changes['ddim_out']:.3f}; the image by "
+        f"{changes['ddim_image_mean_abs'] * 255:.1f}/255 on average")
+    check["changes"] = changes
+    return out, check
+
+
 def verify_lora_with_diffusers(name, ddir, fdir, x, t, ehs, expected, log):
     """Cross-check: diffusers' own LoRA loader (needs peft) on both files must match our merged reference."""
     try:
@@ -1078,11 +1290,15 @@ diffusers {diffusers} / transformers {transformers} / torch {torch}. Regenerate 
 ```
 python3.11 -m venv .venv-ref
 .venv-ref/bin/pip install -r tools/requirements-reference.txt
-.venv-ref/bin/python tools/make_sd_reference.py
+cargo test --test lora_roundtrip -- --ignored write_lora_ours_fixture   # 1. our LoRA files (Rust)
+.venv-ref/bin/python tools/make_sd_reference.py                          # 2. everything else
 ```
 
-(see tools/README.md, "Reference fixtures"). The script checks every file it writes (see "Checks" below)
-and exits non-zero if the folder reaches 6 MB.
+(see tools/README.md, "Reference fixtures"). Order matters: `lora_ours.safetensors` is written by our Rust
+`save_kohya` from the shapes of the diffusers weights here, and the script then loads it into diffusers and
+records what it does (`ours.*`); the script keeps that file when it rewrites the folders. Step 1 is only
+needed when the writer changes (its test checks the committed file is byte-identical to what it writes). The
+script checks every file it writes (see "Checks" below) and exits non-zero if the folder reaches 6 MB.
 
 ## Families
 
@@ -1111,6 +1327,7 @@ scheduler timesteps/sigmas, LoRA module list, tensor shapes).
 | `reference.safetensors` | inputs + outputs below (float tensors fp32, ids/timesteps int64) |
 | `lora_kohya.safetensors` | rank-4 LoRA, kohya keys `lora_unet_<module with . -> _>.{{lora_down.weight,lora_up.weight,alpha}}`, `ss_*` metadata |
 | `lora_peft.safetensors` | the same LoRA as diffusers/PEFT keys `unet.<module>.lora_A.weight` / `lora_B.weight`; **`lora_B` has alpha/rank baked in** (load with scale 1, no alpha keys) |
+| `lora_ours.safetensors` | **written by our Rust `save_kohya`** (f32, `ss_*`/`modelspec.*` metadata, `sshs_*` hashes), not by this script: rank 4, seeded `down` and `up` ~U(-0.1, 0.1), on UNet and text encoder (see "Our LoRA file" below) |
 | `fixture.json` | all configs and conventions (machine-readable) |
 
 ### Tokenizer
@@ -1153,6 +1370,25 @@ one, and the text-encoder parity tests feed `te.input_ids` directly. Prompt: `{p
 - **LoRA**: `W' = W + multiplier * (alpha/rank) * up @ down` (1x1 convs: flatten to matrices). Per-module alpha
   differs on one module (`ff.net.2`, alpha 8 -> scale 2; all others alpha 2 -> scale 0.5). sd1 `proj_in` /
   `proj_out` LoRAs are 1x1 convs (`[r,C,1,1]` / `[C,r,1,1]`), sd2v's are linear.
+- **Our LoRA file** (`lora_ours.safetensors`, made by `write_lora_ours_fixture` in tests/lora_roundtrip.rs):
+  {ours_modules} modules per family: `to_q`/`to_k`/`to_v`/`to_out.0` of `attn1` and `attn2`, `ff.net.0.proj`,
+  `ff.net.2`, `proj_in` and `proj_out` of all 4 transformers of the UNet; LoCon on 3 resnet 3x3 convs
+  (`down_blocks.0.resnets.0.conv1`, `mid_block.resnets.1.conv2`, `up_blocks.1.resnets.1.conv1`: down
+  `[r,in,3,3]`, up `[out,r,1,1]`); `q_proj`/`k_proj`/`v_proj`/`out_proj`/`mlp.fc1`/`mlp.fc2` of both text-encoder
+  layers (`lora_te_text_model_encoder_layers_N_…`). Alphas: 3x3 convs 8, text encoder 8, UNet attention
+  projections 2, UNet proj_in/proj_out/ff alternately 2 and 8. The attention projections and the text encoder
+  keep one alpha each on purpose: diffusers {diffusers} turns differing kohya alphas into a PEFT `alpha_pattern`
+  whose keys for attention layers (`…attn1.processor.to_q_lora.down.weight`) and text-encoder layers
+  (`text_model.encoder.layers.0.self_attn`) match no module, so those layers would silently get their network's
+  most common alpha (peft only warns that the `alpha_pattern` keys matched nothing). The `ours.*` references
+  are diffusers with this file loaded by `pipe.load_lora_weights` at scale 1: `ours.unet_out` (UNet on the
+  `unet.*` inputs), `ours.te_last` (text encoder on `te.input_ids`), `ours.ddim_out` / `ours.ddim_image` (the
+  DDIM run of `sample.ddim_out` with both networks adapted). `fixture.json` -> `lora_ours` records the load check
+  (modules in the file, adapters diffusers made per network, modules left over, warnings) and how much the LoRA
+  changes each output.
+- **Images**: `sample.ddim_image` / `ours.ddim_image` are what `StableDiffusionPipeline` returns with
+  `output_type="pt"`: `decode(latents / scaling_factor)` mapped from [-1, 1] to [0, 1] (`x*0.5+0.5`) and clipped,
+  float `[1, 3, H, W]`, not rounded to 8 bits.
 
 ## Single-file key layout (LDM/CompVis)
 Prefixes: UNet `model.diffusion_model.`, VAE `first_stage_model.`, text encoder
@@ -1230,6 +1466,11 @@ REF_DESC = {
     "sample.ddim_model_out": "guided model output (eps for sd1, v for sd2v) given to each DDIM step",
     "sample.euler_model_out": "guided model output (eps for sd1, v for sd2v) given to each Euler step",
     "lora.unet_out": "UNet output on unet.* inputs with lora_kohya merged at 1.0",
+    "sample.ddim_image": "decoded sample.ddim_out in [0, 1] (what StableDiffusionPipeline returns, output_type pt)",
+    "ours.unet_out": "UNet output on unet.* inputs with lora_ours loaded by load_lora_weights (scale 1)",
+    "ours.te_last": "text encoder last_hidden_state for te.input_ids with lora_ours loaded",
+    "ours.ddim_out": "DDIM result latents as sample.ddim_out, with lora_ours loaded (UNet and text encoder)",
+    "ours.ddim_image": "decoded ours.ddim_out in [0, 1]",
 }
 
 
@@ -1255,6 +1496,7 @@ def write_readme(out_root: Path, fixtures: dict, checks: list[str]) -> None:
         cfg=CFG, ddim_ts=f1["sampling"]["ddim"]["timesteps"], euler_ts=f1["sampling"]["euler"]["timesteps"],
         euler_sigmas="[" + ", ".join(f"{x:.4f}" for x in f1["sampling"]["euler"]["sigmas"]) + "]",
         unet_map=unet_map, vae_map=vae_map, ref_table="\n".join(rows),
+        ours_modules=f1.get("lora_ours", {}).get("file_modules", "(no lora_ours.safetensors)"),
         checks="\n".join(f"- {c}" for c in checks),
     )
     (out_root / "README.md").write_text(text)
@@ -1268,6 +1510,13 @@ CHECKS = [
     "bit-exactly (for sd2v diffusers leaves the extra, unused open_clip block out of the 2-layer text encoder);",
     "`lora.unet_out` (merged by hand) agrees with diffusers' `load_lora_weights` on both `lora_kohya` and "
     "`lora_peft` (max abs diff < 1e-4; needs `peft`);",
+    "`StableDiffusionPipeline(prompt, negative_prompt=\"\", DDIM, 4 steps, cfg 3, latents=latents_in, "
+    "output_type=\"pt\")` gives `sample.ddim_image` (and, with `lora_ours` loaded, `ours.ddim_image`) within 1e-5;",
+    "`lora_ours` (our file) loaded with `load_lora_weights`: diffusers, transformers and peft log no warning "
+    "(no unexpected/missing keys, no \"No LoRA keys associated\", no ignored `alpha_pattern` entries); the modules "
+    "that received an adapter are exactly the file's modules (nothing left over, nothing missing; counts in "
+    "`fixture.json` -> `lora_ours`); each adapter holds the file's down/up tensors bit-exactly and scales by the "
+    "file's alpha/rank; `ours.unet_out` and `ours.te_last` agree with the file merged by hand (max abs diff < 1e-4);",
     "every reference tensor is finite and not constant; `single-fp16` equals `single` cast to fp16; the folder "
     "is < 6 MB; rerunning gives byte-identical files (same pinned versions, 1 CPU thread).",
 ]
