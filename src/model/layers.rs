@@ -485,8 +485,7 @@ impl LayerNorm {
     }
 }
 
-/// Multi-head scaled dot-product attention of q [B, Nq, C] over k, v [B, Nk, C], softmax in f32.
-/// With `chunk`, queries are processed `chunk` at a time, bounding the score matrix held at once.
+/// Multi-head scaled dot-product attention of q [B, Nq, C] over k, v [B, Nk, C] (see `attention`).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -495,37 +494,8 @@ pub fn attention(
     chunk: Option<usize>,
 ) -> Result<Tensor> {
     let (b, nq, c) = q.dims3()?;
-    let d = c / heads;
-    let split = |t: &Tensor| -> Result<Tensor> {
-        let n = t.dim(1)?;
-        t.reshape((b, n, heads, d))?
-            .transpose(1, 2)?
-            .reshape((b * heads, n, d))?
-            .contiguous()
-    };
-    let (q, k, v) = (
-        split(&q.affine(1.0 / (d as f64).sqrt(), 0.0)?)?,
-        split(k)?,
-        split(v)?,
-    );
-    let kt = k.t()?.contiguous()?;
-    count_flops(4 * b * heads * nq * k.dim(1)? * d);
-    let step = chunk.filter(|c| *c > 0 && *c < nq).unwrap_or(nq);
-    let mut outs = Vec::with_capacity(nq.div_ceil(step));
-    for start in (0..nq).step_by(step) {
-        let qc = q.narrow(1, start, step.min(nq - start))?;
-        let scores = qc.matmul(&kt)?.to_dtype(DType::F32)?;
-        let p = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(v.dtype())?;
-        outs.push(p.matmul(&v)?);
-    }
-    let o = if outs.len() == 1 {
-        outs.pop().expect("one chunk")
-    } else {
-        Tensor::cat(&outs, 1)?
-    };
-    o.reshape((b, heads, nq, d))?
-        .transpose(1, 2)?
-        .reshape((b, nq, c))
+    count_flops(4 * b * nq * k.dim(1)? * c);
+    super::attention::attention(q, k, v, heads, chunk)
 }
 
 #[cfg(test)]

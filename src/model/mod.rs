@@ -1,6 +1,7 @@
 //! Networks and their weights: checkpoint loading, the adapter-ready layers, the UNet, the text encoder and VAE.
 
 pub mod adapters;
+pub mod attention;
 pub mod checkpoint;
 pub mod layers;
 pub mod recompute;
