@@ -84,6 +84,9 @@ struct Result_ {
     forward_ms: f64,
     backward_ms: f64,
     optimizer_ms: f64,
+    /// Peak device memory within the extra step's forward, and up to the end of its backward.
+    peak_forward_mib: Option<f64>,
+    peak_backward_mib: Option<f64>,
 }
 
 /// Wall time between device synchronisations.
@@ -220,14 +223,18 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
     // One more step, synchronised between phases, to show where the time goes.
     let timesteps: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000)).collect();
     let noise = Tensor::randn(0f32, 1.0, latents.shape(), &device)?;
+    let peak_all = crate::device::peak(&device);
     let mut lap = Lap::new(&device)?;
+    crate::device::reset_peak(&device);
     let loss = diffusion_loss(
         &unet, &schedule, loss_opts, &latents, &context, &timesteps, &noise,
     )?;
     let forward_ms = lap.next()?;
+    let peak_forward = crate::device::peak(&device);
     let grads = unet.backward(&loss)?;
     drop(loss);
     let backward_ms = lap.next()?;
+    let peak_backward = crate::device::peak(&device);
     opt.step(&grads, 1.0, 1.0)?;
     drop(grads);
     let optimizer_ms = lap.next()?;
@@ -244,7 +251,9 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
         median_step_ms: median,
         min_step_ms: times[0],
         it_per_s: 1e3 / median,
-        peak_mib: crate::device::peak(&device).map(|p| p as f64 / MIB),
+        peak_mib: peak_all.map(|p| p as f64 / MIB),
+        peak_forward_mib: peak_forward.map(|p| p as f64 / MIB),
+        peak_backward_mib: peak_backward.map(|p| p as f64 / MIB),
         free_before_mib: free_before.map(|m| m.0 as f64 / MIB),
         free_after_mib: free_after.map(|m| m.0 as f64 / MIB),
         total_mib: free_before.map(|m| m.1 as f64 / MIB),
@@ -293,5 +302,10 @@ fn print_table(r: &Result_) {
     println!(
         "| one step by phase: forward / backward / optimizer | {:.1} / {:.1} / {:.1} ms |",
         r.forward_ms, r.backward_ms, r.optimizer_ms
+    );
+    println!(
+        "| that step's peak memory: forward / backward | {} / {} |",
+        mib(r.peak_forward_mib),
+        mib(r.peak_backward_mib)
     );
 }

@@ -5,8 +5,7 @@
 //! chunk rather than one fused kernel). candle's composite softmax would keep five score-sized intermediates per
 //! layer for backward — gigabytes at SD's 4096-token level.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 
 /// Score-matrix elements (f32) one chunk may hold: 64 Mi ≈ 256 MB.
 const CHUNK_ELEMENTS: usize = 64 << 20;
@@ -36,7 +35,15 @@ pub fn attention(
     let step = chunk.filter(|c| *c > 0).unwrap_or(auto).min(nq);
     let (o, lse) = forward(&qs.detach(), &ks.detach(), &vs.detach(), step)?;
     let o = if qs.track_op() || ks.track_op() || vs.track_op() {
-        qs.apply_op3(&ks, &vs, Attention { o, lse, step })?
+        qs.apply_op3(
+            &ks,
+            &vs,
+            Attention {
+                o: super::handoff::Handoff::new(o),
+                lse,
+                step,
+            },
+        )?
     } else {
         o
     };
@@ -68,15 +75,9 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, step: usize) -> Result<(Tensor, T
 }
 
 struct Attention {
-    o: Tensor,
+    o: super::handoff::Handoff,
     lse: Tensor,
     step: usize,
-}
-
-impl Attention {
-    fn copy<S: BackendStorage>(&self, o: &S, l: &Layout) -> Result<(S, Shape)> {
-        Ok((o.try_clone(l)?, l.shape().clone()))
-    }
 }
 
 impl CustomOp3 for Attention {
@@ -93,11 +94,7 @@ impl CustomOp3 for Attention {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (os, ol) = self.o.storage_and_layout();
-        match &*os {
-            Storage::Cpu(o) => self.copy(o, ol),
-            _ => candle_core::bail!("attention: device mismatch"),
-        }
+        self.o.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -110,11 +107,7 @@ impl CustomOp3 for Attention {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (os, ol) = self.o.storage_and_layout();
-        match &*os {
-            Storage::Cuda(o) => self.copy(o, ol),
-            _ => candle_core::bail!("attention: device mismatch"),
-        }
+        self.o.cuda()
     }
 
     /// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = dS·K, dK = dSᵀ·Q, chunk by chunk with P
@@ -124,15 +117,14 @@ impl CustomOp3 for Attention {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        _o: &Tensor,
+        o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dt = q.dtype();
         let kt = k.t()?.contiguous()?;
         let vt = v.t()?.contiguous()?;
         let g = g.contiguous()?;
-        let delta =
-            (g.to_dtype(DType::F32)? * self.o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+        let delta = (g.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
         let mut dk = k.zeros_like()?.to_dtype(DType::F32)?;
         let mut dv = v.zeros_like()?.to_dtype(DType::F32)?;
         let mut dqs = Vec::new();

@@ -10,7 +10,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp1, D, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
 };
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Multiply-add FLOPs of base layers and attention run so far (forward only): how benchmarks count the work of
@@ -77,31 +76,32 @@ impl CustomOp1 for FrozenMatmul {
 /// (candle's conv parameters cannot be built outside candle, so the forward runs as a stock conv on a
 /// detached input and this op only carries the gradient; the cost is one copy of the output.)
 struct FrozenConv {
-    y: Tensor,
+    y: super::handoff::Handoff,
     w: Tensor,
-    /// For stride 1: the kernel transposed (in↔out) and flipped, so dx is a plain conv.
-    w_flipped: Option<Tensor>,
     stride: usize,
     padding: usize,
 }
 
 impl FrozenConv {
-    /// dx of a conv: for stride 1 a conv with the transposed, flipped kernel (candle's conv_transpose2d is a
-    /// naive kernel on CUDA, ~12× slower); otherwise the transposed conv with the output padding that restores
-    /// the input size.
+    /// dx of a conv: for stride 1 a conv with the kernel transposed (in↔out) and flipped (candle's
+    /// conv_transpose2d is a naive kernel on CUDA, ~12× slower); otherwise the transposed conv with the output
+    /// padding that restores the input size. The flipped kernel is made per backward rather than cached: a
+    /// second copy of every conv weight would cost ~1 GB for SD1.5, more than its few small kernels cost in time.
     fn input_grad(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
         let (_, _, kh, _) = self.w.dims4()?;
-        if let Some(wf) = &self.w_flipped {
-            return g.conv2d(wf, kh - 1 - self.padding, 1, 1, 1);
+        if self.stride == 1 {
+            let flipped = self
+                .w
+                .transpose(0, 1)?
+                .contiguous()?
+                .flip(&[2, 3])?
+                .contiguous()?;
+            return g.conv2d(&flipped, kh - 1 - self.padding, 1, 1, 1);
         }
         let (_, _, h, _) = x.dims4()?;
         let (_, _, gh, _) = g.dims4()?;
         let out_pad = h - ((gh - 1) * self.stride + kh - 2 * self.padding);
         g.conv_transpose2d(&self.w, self.padding, out_pad, self.stride, 1)
-    }
-
-    fn copy<S: BackendStorage>(&self, y: &S, l: &Layout) -> Result<(S, Shape)> {
-        Ok((y.try_clone(l)?, l.shape().clone()))
     }
 }
 
@@ -111,11 +111,7 @@ impl CustomOp1 for FrozenConv {
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (ys, yl) = self.y.storage_and_layout();
-        match &*ys {
-            Storage::Cpu(y) => self.copy(y, yl),
-            _ => candle_core::bail!("frozen-conv2d: device mismatch"),
-        }
+        self.y.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -124,11 +120,7 @@ impl CustomOp1 for FrozenConv {
         _s: &candle_core::CudaStorage,
         _l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (ys, yl) = self.y.storage_and_layout();
-        match &*ys {
-            Storage::Cuda(y) => self.copy(y, yl),
-            _ => candle_core::bail!("frozen-conv2d: device mismatch"),
-        }
+        self.y.cuda()
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
@@ -144,34 +136,14 @@ fn frozen_linear(x2d: &Tensor, w: &Tensor) -> Result<Tensor> {
     x2d.apply_op1(FrozenMatmul { w: w.clone() })
 }
 
-fn flipped_kernel(w: &Tensor) -> Result<Tensor> {
-    w.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?.contiguous()
-}
-
-fn frozen_conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    w_flipped: &OnceLock<Tensor>,
-    stride: usize,
-    padding: usize,
-) -> Result<Tensor> {
+fn frozen_conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let y = x.detach().conv2d(w, padding, stride, 1, 1)?;
     if !x.track_op() {
         return Ok(y);
     }
-    let w_flipped = match (stride, w_flipped.get()) {
-        (1, Some(t)) => Some(t.clone()),
-        (1, None) => {
-            let t = flipped_kernel(w)?;
-            let _ = w_flipped.set(t.clone());
-            Some(t)
-        }
-        _ => None,
-    };
     x.apply_op1(FrozenConv {
-        y,
+        y: super::handoff::Handoff::new(y),
         w: w.clone(),
-        w_flipped,
         stride,
         padding,
     })
@@ -240,8 +212,6 @@ pub struct Adaptable {
     pub bias: Option<Tensor>,
     pub shape: AdapterShape,
     pub adapters: Vec<Lora>,
-    /// The flipped kernel for the input gradient, made on first use (convs only).
-    grad_kernel: OnceLock<Tensor>,
 }
 
 impl Adaptable {
@@ -252,7 +222,6 @@ impl Adaptable {
             bias,
             shape,
             adapters: vec![],
-            grad_kernel: OnceLock::new(),
         }
     }
 
@@ -285,7 +254,7 @@ impl Adaptable {
             AdapterShape::Conv {
                 stride, padding, ..
             } => {
-                let mut y = frozen_conv2d(x, &self.weight, &self.grad_kernel, stride, padding)?;
+                let mut y = frozen_conv2d(x, &self.weight, stride, padding)?;
                 let (b, _, h, w) = y.dims4()?;
                 count_flops(2 * b * h * w * self.weight.elem_count());
                 if let Some(b) = &self.bias {
@@ -338,7 +307,6 @@ impl Adaptable {
         let dt = self.weight.dtype();
         self.weight =
             (self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?.to_dtype(dt)?;
-        self.grad_kernel = OnceLock::new();
         Ok(())
     }
 }
@@ -529,7 +497,7 @@ mod tests {
         for (stride, padding, kernel) in [(1, 1, 3), (2, 1, 3), (1, 0, 1)] {
             let x = Var::from_tensor(&randn(&[2, 3, 8, 8], 1)).unwrap();
             let w = randn(&[5, 3, kernel, kernel], 2);
-            let ours = frozen_conv2d(x.as_tensor(), &w, &OnceLock::new(), stride, padding).unwrap();
+            let ours = frozen_conv2d(x.as_tensor(), &w, stride, padding).unwrap();
             let stock = x.as_tensor().conv2d(&w, padding, stride, 1, 1).unwrap();
             assert!(max_diff(&ours, &stock) < 1e-6);
             let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();

@@ -3,6 +3,7 @@
 pub mod adapters;
 pub mod attention;
 pub mod checkpoint;
+mod handoff;
 pub mod layers;
 pub mod recompute;
 pub mod text_encoder;

@@ -5,9 +5,8 @@
 //! the incoming gradient through it, returns the input gradients to the outer graph and parks the adapter
 //! gradients in a `GradSink`, which the caller merges into the outer `GradStore` (`GradSink::backward`).
 
-use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, TensorId, Var};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -54,16 +53,10 @@ impl GradSink {
 
 struct Recompute {
     f: BlockFn,
-    y: Tensor,
+    y: super::handoff::Handoff,
     vars: Vec<Var>,
     aux_needs_grad: bool,
     sink: GradSink,
-}
-
-impl Recompute {
-    fn copy<S: BackendStorage>(&self, y: &S, l: &Layout) -> Result<(S, Shape)> {
-        Ok((y.try_clone(l)?, l.shape().clone()))
-    }
 }
 
 impl CustomOp2 for Recompute {
@@ -78,11 +71,7 @@ impl CustomOp2 for Recompute {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (ys, yl) = self.y.storage_and_layout();
-        match &*ys {
-            Storage::Cpu(y) => self.copy(y, yl),
-            _ => candle_core::bail!("recompute: device mismatch"),
-        }
+        self.y.cpu()
     }
 
     #[cfg(feature = "cuda")]
@@ -93,11 +82,7 @@ impl CustomOp2 for Recompute {
         _: &candle_core::CudaStorage,
         _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (ys, yl) = self.y.storage_and_layout();
-        match &*ys {
-            Storage::Cuda(y) => self.copy(y, yl),
-            _ => candle_core::bail!("recompute: device mismatch"),
-        }
+        self.y.cuda()
     }
 
     fn bwd(
@@ -143,7 +128,7 @@ pub fn checkpoint(
     }
     let op = Recompute {
         f,
-        y,
+        y: super::handoff::Handoff::new(y),
         vars,
         aux_needs_grad: aux.track_op(),
         sink: sink.clone(),
