@@ -7,8 +7,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 
-/// Score-matrix elements (f32) one chunk may hold: 64 Mi ≈ 256 MB.
-const CHUNK_ELEMENTS: usize = 64 << 20;
+/// Score-matrix elements (f32) one chunk may hold: 16 Mi ≈ 64 MB (backward holds about six such matrices).
+const CHUNK_ELEMENTS: usize = 16 << 20;
 
 /// q [B, Nq, C] attends over k, v [B, Nk, C] with `heads` heads; `chunk` caps the queries per chunk (else chosen
 /// from `CHUNK_ELEMENTS`). Softmax in f32, matmuls in the inputs' dtype.

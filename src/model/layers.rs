@@ -404,7 +404,7 @@ impl Loader<'_> {
     }
 }
 
-/// Group normalisation over [B, C, H, W], computed in f32 from differentiable primitives.
+/// Group normalisation over [B, C, H, W] with frozen affine parameters (see `normalize`).
 pub struct GroupNorm {
     weight: Tensor,
     bias: Tensor,
@@ -414,25 +414,16 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = x.dtype();
-        let (b, c, h, w) = x.dims4()?;
-        let xg = x
-            .to_dtype(DType::F32)?
-            .reshape((b, self.groups, (c / self.groups) * h * w))?;
-        let mean = xg.mean_keepdim(D::Minus1)?;
-        let xc = xg.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .reshape((b, c, h, w))?;
-        let y = y
-            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?
-            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
-        y.to_dtype(dt)
+        let (b, c, _, _) = x.dims4()?;
+        let affine = (
+            self.weight.reshape((1, c, 1, 1))?,
+            self.bias.reshape((1, c, 1, 1))?,
+        );
+        normalize(x, b * self.groups, &affine, self.eps)
     }
 }
 
-/// Layer normalisation over the last dimension, in f32, differentiable.
+/// Layer normalisation over the last dimension with frozen affine parameters (see `normalize`).
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -441,15 +432,79 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        y.broadcast_mul(&self.weight)?
-            .broadcast_add(&self.bias)?
-            .to_dtype(dt)
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        normalize(x, rows, &(self.weight.clone(), self.bias.clone()), self.eps)
+    }
+}
+
+/// Normalises `x` viewed as `rows` rows (mean 0, variance 1 per row, in f32), then applies the frozen
+/// `(weight, bias)` broadcast in `x`'s shape. For training it is one custom op that keeps only each row's mean
+/// and 1/σ: built from primitives, a norm keeps four f32 copies of its input for backward — the largest memory
+/// item of a UNet step after attention.
+fn normalize(x: &Tensor, rows: usize, (w, b): &(Tensor, Tensor), eps: f64) -> Result<Tensor> {
+    let xr = x.detach().to_dtype(DType::F32)?.reshape((rows, ()))?;
+    let mean = xr.mean_keepdim(1)?;
+    let xc = xr.broadcast_sub(&mean)?;
+    let rstd = (xc.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+    let y = xc
+        .broadcast_mul(&rstd)?
+        .reshape(x.shape())?
+        .broadcast_mul(w)?
+        .broadcast_add(b)?
+        .to_dtype(x.dtype())?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op1(Norm {
+        y: super::handoff::Handoff::new(y),
+        mean,
+        rstd,
+        weight: w.clone(),
+    })
+}
+
+/// Carries the input gradient of `normalize`.
+struct Norm {
+    y: super::handoff::Handoff,
+    mean: Tensor,
+    rstd: Tensor,
+    weight: Tensor,
+}
+
+impl CustomOp1 for Norm {
+    fn name(&self) -> &'static str {
+        "normalize"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.y.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.y.cuda()
+    }
+
+    /// With x̂ the normalised rows and d = g·w: dx = (d − mean(d) − x̂·mean(d·x̂)) / σ, per row.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let rows = self.mean.dim(0)?;
+        let d = g
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&self.weight)?
+            .reshape((rows, ()))?;
+        let xh = x
+            .to_dtype(DType::F32)?
+            .reshape((rows, ()))?
+            .broadcast_sub(&self.mean)?
+            .broadcast_mul(&self.rstd)?;
+        let m1 = d.mean_keepdim(1)?;
+        let m2 = (&d * &xh)?.mean_keepdim(1)?;
+        let dx = (d.broadcast_sub(&m1)? - xh.broadcast_mul(&m2)?)?.broadcast_mul(&self.rstd)?;
+        Ok(Some(dx.reshape(x.shape())?.to_dtype(x.dtype())?))
     }
 }
 
@@ -549,6 +604,81 @@ mod tests {
             layer.merge(&delta).unwrap();
             assert!(max_diff(&layer.forward(&x).unwrap(), &adapted) < 1e-5);
         }
+    }
+
+    /// The norm op gives the values and input gradients of the same norm built from primitives.
+    #[test]
+    fn norms_match_their_composite_form() {
+        let x = Var::from_tensor(&randn(&[2, 8, 3, 5], 11)).unwrap();
+        let w = randn(&[8], 12);
+        let b = randn(&[8], 13);
+        let gw = randn(&[2, 8, 3, 5], 14);
+        let gn = GroupNorm {
+            weight: w.clone(),
+            bias: b.clone(),
+            groups: 4,
+            eps: 1e-5,
+        };
+        let composite = |x: &Tensor| {
+            let xg = x.reshape((2, 4, 30)).unwrap();
+            let mean = xg.mean_keepdim(D::Minus1).unwrap();
+            let xc = xg.broadcast_sub(&mean).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            let y = xc
+                .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+                .unwrap()
+                .reshape((2, 8, 3, 5))
+                .unwrap();
+            y.broadcast_mul(&w.reshape((1, 8, 1, 1)).unwrap())
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 8, 1, 1)).unwrap())
+                .unwrap()
+        };
+        let ours = gn.forward(&x).unwrap();
+        let reference = composite(&x);
+        assert!(max_diff(&ours, &reference) < 1e-5);
+        let g1 = (&ours * &gw)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&reference * &gw)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4);
+        let ln = LayerNorm {
+            weight: randn(&[5], 15),
+            bias: randn(&[5], 16),
+            eps: 1e-5,
+        };
+        let y = ln.forward(&x).unwrap();
+        let rows = x.as_tensor().reshape((48, 5)).unwrap();
+        let mean = rows.mean_keepdim(1).unwrap();
+        let xc = rows.broadcast_sub(&mean).unwrap();
+        let sd = (xc.sqr().unwrap().mean_keepdim(1).unwrap() + 1e-5)
+            .unwrap()
+            .sqrt()
+            .unwrap();
+        let r = xc
+            .broadcast_div(&sd)
+            .unwrap()
+            .broadcast_mul(&ln.weight)
+            .unwrap()
+            .broadcast_add(&ln.bias)
+            .unwrap();
+        assert!(max_diff(&y.reshape((48, 5)).unwrap(), &r) < 1e-5);
+        let g1 = (&y * &gw).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (&r.reshape((2, 8, 3, 5)).unwrap() * &gw)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4);
     }
 
     #[test]
