@@ -6,10 +6,7 @@
 //! for the frozen weight, which doubles backward work and memory for nothing.
 //! Norms and softmax are written from differentiable primitives (candle's fused ones cut the gradient).
 
-use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp1, D, DType, Device, Layout, Result, Shape, Storage, Tensor, Var,
-};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Result, Shape, Tensor, Var};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Multiply-add FLOPs of base layers and attention run so far (forward only): how benchmarks count the work of
@@ -25,89 +22,48 @@ fn count_flops(n: usize) {
     FORWARD_FLOPS.fetch_add(n as u64, Ordering::Relaxed);
 }
 
-/// `x @ wᵀ` for a 2-D `x` and a frozen `w` [out, in]; backward gives `dx = g @ w` only.
-struct FrozenMatmul {
-    w: Tensor,
-}
-
-impl FrozenMatmul {
-    fn fwd<S: BackendStorage>(&self, x: &S, l: &Layout, w: &S, wl: &Layout) -> Result<(S, Shape)> {
-        let (m, k) = l.shape().dims2()?;
-        let n = wl.shape().dims2()?.0;
-        Ok((
-            x.matmul(w, (1, m, n, k), l, &wl.transpose(0, 1)?)?,
-            Shape::from((m, n)),
-        ))
-    }
-}
-
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
-        match &*ws {
-            Storage::Cpu(w) => self.fwd(s, l, w, wl),
-            _ => candle_core::bail!("frozen-linear: weight and input on different devices"),
-        }
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (ws, wl) = self.w.storage_and_layout();
-        match &*ws {
-            Storage::Cuda(w) => self.fwd(s, l, w, wl),
-            _ => candle_core::bail!("frozen-linear: weight and input on different devices"),
-        }
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(g.matmul(&self.w)?))
-    }
-}
-
-/// Hands out a result computed outside the graph (`y`) and gives `x` the gradient of a frozen conv2d.
-/// (candle's conv parameters cannot be built outside candle, so the forward runs as a stock conv on a
-/// detached input and this op only carries the gradient; the cost is one copy of the output.)
-struct FrozenConv {
+/// The frozen base of a layer, `x @ wᵀ + b` or `conv(x, w) + b`: computed outside the graph, bias included, and
+/// handed to this op, which carries only the input gradient. (Within the graph, a bias add would leave an
+/// activation-sized gradient for the constant bias in candle's gradient store until backward ends, and a stock
+/// matmul/conv would also compute a weight gradient.)
+struct FrozenBase {
     y: super::handoff::Handoff,
     w: Tensor,
-    stride: usize,
-    padding: usize,
+    shape: AdapterShape,
 }
 
-impl FrozenConv {
+impl FrozenBase {
     /// dx of a conv: for stride 1 a conv with the kernel transposed (in↔out) and flipped (candle's
     /// conv_transpose2d is a naive kernel on CUDA, ~12× slower); otherwise the transposed conv with the output
     /// padding that restores the input size. The flipped kernel is made per backward rather than cached: a
     /// second copy of every conv weight would cost ~1 GB for SD1.5, more than its few small kernels cost in time.
-    fn input_grad(&self, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    fn conv_input_grad(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
         let (_, _, kh, _) = self.w.dims4()?;
-        if self.stride == 1 {
+        if stride == 1 {
             let flipped = self
                 .w
                 .transpose(0, 1)?
                 .contiguous()?
                 .flip(&[2, 3])?
                 .contiguous()?;
-            return g.conv2d(&flipped, kh - 1 - self.padding, 1, 1, 1);
+            return g.conv2d(&flipped, kh - 1 - padding, 1, 1, 1);
         }
         let (_, _, h, _) = x.dims4()?;
         let (_, _, gh, _) = g.dims4()?;
-        let out_pad = h - ((gh - 1) * self.stride + kh - 2 * self.padding);
-        g.conv_transpose2d(&self.w, self.padding, out_pad, self.stride, 1)
+        let out_pad = h - ((gh - 1) * stride + kh - 2 * padding);
+        g.conv_transpose2d(&self.w, padding, out_pad, stride, 1)
     }
 }
 
-impl CustomOp1 for FrozenConv {
+impl CustomOp1 for FrozenBase {
     fn name(&self) -> &'static str {
-        "frozen-conv2d"
+        "frozen-base"
     }
 
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -124,29 +80,86 @@ impl CustomOp1 for FrozenConv {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.input_grad(x, g)?))
+        Ok(Some(match self.shape {
+            AdapterShape::Linear => g.matmul(&self.w)?,
+            AdapterShape::Conv {
+                stride, padding, ..
+            } => self.conv_input_grad(x, g, stride, padding)?,
+        }))
     }
 }
 
-fn frozen_linear(x2d: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let x2d = x2d.contiguous()?;
-    if !x2d.track_op() {
-        return x2d.matmul(&w.t()?);
-    }
-    x2d.apply_op1(FrozenMatmul { w: w.clone() })
-}
-
-fn frozen_conv2d(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    let y = x.detach().conv2d(w, padding, stride, 1, 1)?;
+/// `x` is 2-D for a linear layer, [B, C, H, W] for a conv.
+fn frozen_base(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    shape: AdapterShape,
+) -> Result<Tensor> {
+    let xd = x.detach();
+    let y = match shape {
+        AdapterShape::Linear => {
+            let y = xd.matmul(&w.t()?)?;
+            match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        }
+        AdapterShape::Conv {
+            stride, padding, ..
+        } => {
+            let y = xd.conv2d(w, padding, stride, 1, 1)?;
+            match bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+                None => y,
+            }
+        }
+    };
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op1(FrozenConv {
+    x.apply_op1(FrozenBase {
         y: super::handoff::Handoff::new(y),
         w: w.clone(),
-        stride,
-        padding,
+        shape,
     })
+}
+
+/// `x + c` for a constant `c` (broadcast to `x`), without the gradient for `c` that a stock add would keep in
+/// candle's gradient store until backward ends.
+pub fn add_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
+    if c.track_op() || !x.track_op() {
+        return x.broadcast_add(c);
+    }
+    x.apply_op1(PassGradient(super::handoff::Handoff::new(
+        x.detach().broadcast_add(c)?,
+    )))
+}
+
+/// An op whose gradient is the incoming gradient unchanged (an added constant).
+struct PassGradient(super::handoff::Handoff);
+
+impl CustomOp1 for PassGradient {
+    fn name(&self) -> &'static str {
+        "add-constant"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.0.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.0.cuda()
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(g.clone()))
+    }
 }
 
 /// What a LoRA adapter applies to: a linear layer, or a conv with the base layer's kernel, stride, padding.
@@ -240,10 +253,12 @@ impl Adaptable {
                 let (lead, last) = dims.split_at(dims.len() - 1);
                 let x2 = x.reshape(((), last[0]))?;
                 count_flops(2 * x2.dim(0)? * self.weight.elem_count());
-                let mut y = frozen_linear(&x2, &self.weight)?;
-                if let Some(b) = &self.bias {
-                    y = y.broadcast_add(b)?;
-                }
+                let mut y = frozen_base(
+                    &x2.contiguous()?,
+                    &self.weight,
+                    self.bias.as_ref(),
+                    self.shape,
+                )?;
                 for a in &self.adapters {
                     y = (y + a.forward(&x2, self.shape)?)?;
                 }
@@ -251,15 +266,10 @@ impl Adaptable {
                 out_dims.push(self.out_features());
                 y.reshape(out_dims)
             }
-            AdapterShape::Conv {
-                stride, padding, ..
-            } => {
-                let mut y = frozen_conv2d(x, &self.weight, stride, padding)?;
+            AdapterShape::Conv { .. } => {
+                let mut y = frozen_base(x, &self.weight, self.bias.as_ref(), self.shape)?;
                 let (b, _, h, w) = y.dims4()?;
                 count_flops(2 * b * h * w * self.weight.elem_count());
-                if let Some(b) = &self.bias {
-                    y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
-                }
                 for a in &self.adapters {
                     y = (y + a.forward(x, self.shape)?)?;
                 }
@@ -552,7 +562,12 @@ mod tests {
         for (stride, padding, kernel) in [(1, 1, 3), (2, 1, 3), (1, 0, 1)] {
             let x = Var::from_tensor(&randn(&[2, 3, 8, 8], 1)).unwrap();
             let w = randn(&[5, 3, kernel, kernel], 2);
-            let ours = frozen_conv2d(x.as_tensor(), &w, stride, padding).unwrap();
+            let shape = AdapterShape::Conv {
+                kernel,
+                stride,
+                padding,
+            };
+            let ours = frozen_base(x.as_tensor(), &w, None, shape).unwrap();
             let stock = x.as_tensor().conv2d(&w, padding, stride, 1, 1).unwrap();
             assert!(max_diff(&ours, &stock) < 1e-6);
             let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
@@ -565,7 +580,7 @@ mod tests {
         }
         let x = Var::from_tensor(&randn(&[6, 4], 3)).unwrap();
         let w = randn(&[7, 4], 4);
-        let ours = frozen_linear(x.as_tensor(), &w).unwrap();
+        let ours = frozen_base(x.as_tensor(), &w, None, AdapterShape::Linear).unwrap();
         let stock = x.as_tensor().matmul(&w.t().unwrap()).unwrap();
         assert!(max_diff(&ours, &stock) < 1e-6);
         let g_ours = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();

@@ -96,7 +96,7 @@ impl Resnet {
             .forward(&temb.silu()?)?
             .unsqueeze(2)?
             .unsqueeze(3)?;
-        let h = h.broadcast_add(&t)?;
+        let h = super::layers::add_constant(&h, &t)?;
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
