@@ -45,3 +45,26 @@ impl Handoff {
         }
     }
 }
+
+/// The `cpu_fwd` and `cuda_fwd` of a one-input custom op whose output is the `Handoff` in `self.$field`.
+macro_rules! forward_from_handoff {
+    ($field:tt) => {
+        fn cpu_fwd(
+            &self,
+            _s: &candle_core::CpuStorage,
+            _l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            self.$field.cpu()
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            _s: &candle_core::CudaStorage,
+            _l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            self.$field.cuda()
+        }
+    };
+}
+pub(crate) use forward_from_handoff;

@@ -6,7 +6,7 @@
 //! for the frozen weight, which doubles backward work and memory for nothing.
 //! Norms and softmax are written from differentiable primitives (candle's fused ones cut the gradient).
 
-use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Result, Shape, Tensor, Var};
+use candle_core::{CustomOp1, D, DType, Device, Result, Tensor, Var};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Multiply-add FLOPs of base layers and attention run so far (forward only): how benchmarks count the work of
@@ -66,18 +66,7 @@ impl CustomOp1 for FrozenBase {
         "frozen-base"
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda()
-    }
+    super::handoff::forward_from_handoff!(y);
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(match self.shape {
@@ -144,18 +133,7 @@ impl CustomOp1 for PassGradient {
         "add-constant"
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.0.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.0.cuda()
-    }
+    super::handoff::forward_from_handoff!(0);
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(g.clone()))
@@ -486,18 +464,7 @@ impl CustomOp1 for Norm {
         "normalize"
     }
 
-    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.y.cpu()
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _s: &candle_core::CudaStorage,
-        _l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.y.cuda()
-    }
+    super::handoff::forward_from_handoff!(y);
 
     /// With x̂ the normalised rows and d = g·w: dx = (d − mean(d) − x̂·mean(d·x̂)) / σ, per row.
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
