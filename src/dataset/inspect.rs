@@ -105,6 +105,23 @@ fn describe(e: image::ImageError) -> ImageError {
     })
 }
 
+/// Width and height as training sees them (EXIF rotation applied), read from the header without decoding.
+pub fn dimensions(path: &Path) -> Result<(u32, u32), ImageError> {
+    let reader = ImageReader::open(path)
+        .and_then(|r| r.with_guessed_format())
+        .map_err(|e| ImageError(format!("cannot read the file: {e}")))?;
+    let mut decoder = reader.into_decoder().map_err(describe)?;
+    let (w, h) = decoder.dimensions();
+    let swapped = matches!(
+        decoder.orientation().unwrap_or(Orientation::NoTransforms),
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    );
+    Ok(if swapped { (h, w) } else { (w, h) })
+}
+
 /// Opens an image for use (thumbnails, previews, training), EXIF rotation applied.
 pub fn open_image(path: &Path) -> Result<DynamicImage, ImageError> {
     let bytes = read_file(path)?;

@@ -1,0 +1,331 @@
+//! What the trainer sees of a dataset: each image in its aspect-ratio bucket, repeated, in a shuffled order that
+//! depends only on the seed and the epoch (so a resumed run sees the same batches), cropped to its bucket, and its
+//! caption varied as configured (tag shuffle keeping the first N, tag dropout, caption dropout).
+
+use crate::dataset::buckets::{BucketConfig, Buckets};
+use crate::dataset::inspect::{dimensions, open_image};
+use crate::dataset::{CaptionStatus, Scan};
+use crate::train::config::DatasetConfig;
+use candle_core::{Device, Result, Tensor};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// One trainable image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item {
+    pub path: PathBuf,
+    pub caption: String,
+    pub repeats: u32,
+    /// (width, height) of its bucket.
+    pub bucket: (u32, u32),
+}
+
+/// One use of an image in an epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub item: usize,
+    pub flip: bool,
+}
+
+/// The trainable images of a dataset and how epochs are drawn from them.
+#[derive(Clone, Debug)]
+pub struct DataPlan {
+    pub items: Vec<Item>,
+    /// Images that cannot be read (path, why): left out, reported once.
+    pub skipped: Vec<(PathBuf, String)>,
+    batch_size: usize,
+    flip: bool,
+    seed: u64,
+}
+
+impl DataPlan {
+    /// Places every readable image of `scan` in its bucket (square at the resolution when bucketing is off).
+    pub fn new(scan: &Scan, cfg: &DatasetConfig, batch_size: usize, seed: u64) -> DataPlan {
+        let buckets = Buckets::new(&bucket_config(cfg));
+        let (mut items, mut skipped) = (Vec::new(), Vec::new());
+        for e in &scan.entries {
+            match dimensions(&e.path) {
+                Ok(size) => items.push(Item {
+                    path: e.path.clone(),
+                    caption: if e.caption.status == CaptionStatus::Ok {
+                        e.caption.text.trim().to_owned()
+                    } else {
+                        String::new()
+                    },
+                    repeats: scan.repeats_of(&e.folder),
+                    bucket: if cfg.bucketing {
+                        buckets.place(size).bucket
+                    } else {
+                        (cfg.resolution, cfg.resolution)
+                    },
+                }),
+                Err(why) => skipped.push((e.path.clone(), why.0)),
+            }
+        }
+        DataPlan {
+            items,
+            skipped,
+            batch_size: batch_size.max(1),
+            flip: cfg.flip,
+            seed,
+        }
+    }
+
+    /// The batches of epoch `epoch`: every image `repeats` times (each use mirrored with probability ½ when flipping),
+    /// shuffled, grouped by bucket into batches of at most the batch size, then the batches shuffled.
+    pub fn epoch(&self, epoch: u64) -> Vec<Vec<Sample>> {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut by_bucket: BTreeMap<(u32, u32), Vec<Sample>> = BTreeMap::new();
+        for (i, item) in self.items.iter().enumerate() {
+            for _ in 0..item.repeats {
+                let flip = self.flip && rng.random_bool(0.5);
+                by_bucket
+                    .entry(item.bucket)
+                    .or_default()
+                    .push(Sample { item: i, flip });
+            }
+        }
+        let mut batches = Vec::new();
+        for samples in by_bucket.values_mut() {
+            samples.shuffle(&mut rng);
+            batches.extend(samples.chunks(self.batch_size).map(<[Sample]>::to_vec));
+        }
+        batches.shuffle(&mut rng);
+        batches
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        let mut per_bucket: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+        for item in &self.items {
+            *per_bucket.entry(item.bucket).or_default() += item.repeats as usize;
+        }
+        per_bucket
+            .values()
+            .map(|n| n.div_ceil(self.batch_size))
+            .sum()
+    }
+}
+
+fn bucket_config(cfg: &DatasetConfig) -> BucketConfig {
+    BucketConfig {
+        resolution: cfg.resolution,
+        min_side: cfg.min_bucket_side,
+        max_side: cfg.max_bucket_side,
+        step: cfg.bucket_step,
+    }
+    .sanitized()
+}
+
+/// The image scaled to cover its bucket and centre-cropped to it (kohya's way), optionally mirrored, as a
+/// [3, H, W] tensor in [-1, 1].
+pub fn load_for_bucket(item: &Item, flip: bool, device: &Device) -> Result<Tensor> {
+    let img = open_image(&item.path)
+        .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", item.path.display())))?;
+    let (bw, bh) = item.bucket;
+    let scale =
+        (f64::from(bw) / f64::from(img.width())).max(f64::from(bh) / f64::from(img.height()));
+    let (sw, sh) = (
+        ((f64::from(img.width()) * scale).round() as u32).max(bw),
+        ((f64::from(img.height()) * scale).round() as u32).max(bh),
+    );
+    let resized = img.resize_exact(sw, sh, image::imageops::FilterType::Lanczos3);
+    let mut cropped = resized
+        .crop_imm((sw - bw) / 2, (sh - bh) / 2, bw, bh)
+        .to_rgb8();
+    if flip {
+        image::imageops::flip_horizontal_in_place(&mut cropped);
+    }
+    let data: Vec<f32> = cropped
+        .into_raw()
+        .into_iter()
+        .map(|v| f32::from(v) / 127.5 - 1.0)
+        .collect();
+    Tensor::from_vec(data, (bh as usize, bw as usize, 3), device)?
+        .permute((2, 0, 1))?
+        .contiguous()
+}
+
+/// How a caption is varied each time it is used.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CaptionOptions {
+    pub shuffle: bool,
+    /// Tags at the front that keep their place and are never dropped (the trigger word).
+    pub keep_tokens: usize,
+    pub tag_dropout: f64,
+    pub caption_dropout: f64,
+}
+
+impl From<&DatasetConfig> for CaptionOptions {
+    fn from(c: &DatasetConfig) -> Self {
+        CaptionOptions {
+            shuffle: c.shuffle_caption,
+            keep_tokens: c.keep_tokens as usize,
+            tag_dropout: c.tag_dropout,
+            caption_dropout: c.caption_dropout,
+        }
+    }
+}
+
+/// The caption as the text encoder gets it this time.
+pub fn vary_caption(caption: &str, o: CaptionOptions, rng: &mut impl Rng) -> String {
+    if o.caption_dropout > 0.0 && rng.random_bool(o.caption_dropout.min(1.0)) {
+        return String::new();
+    }
+    if !o.shuffle && o.tag_dropout <= 0.0 {
+        return caption.to_owned();
+    }
+    let tags: Vec<&str> = crate::dataset::caption::split_tags(caption).collect();
+    let (kept, rest) = tags.split_at(o.keep_tokens.min(tags.len()));
+    let mut rest: Vec<&str> = rest
+        .iter()
+        .copied()
+        .filter(|_| o.tag_dropout <= 0.0 || !rng.random_bool(o.tag_dropout.min(1.0)))
+        .collect();
+    if o.shuffle {
+        rest.shuffle(rng);
+    }
+    kept.iter()
+        .chain(&rest)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn dataset(dir: &std::path::Path) -> Scan {
+        let write = |rel: &str, w: u32, h: u32| {
+            let p = dir.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            image::RgbImage::from_fn(w, h, |x, _| image::Rgb([(x % 256) as u8, 0, 0]))
+                .save(&p)
+                .unwrap();
+            std::fs::write(p.with_extension("txt"), format!("{rel}, tag")).unwrap();
+        };
+        write("3_a/wide.png", 640, 512);
+        write("3_a/tall.png", 512, 640);
+        write("3_a/square.png", 512, 512);
+        write("b/wide2.png", 700, 560);
+        std::fs::write(dir.join("b/broken.png"), b"no").unwrap();
+        crate::dataset::scan(dir, &AtomicBool::new(false)).unwrap()
+    }
+
+    #[test]
+    fn epochs_repeat_and_batch_within_buckets_deterministically() {
+        let dir = tempfile::tempdir().unwrap();
+        let scan = dataset(dir.path());
+        let cfg = DatasetConfig {
+            flip: true,
+            ..Default::default()
+        };
+        let plan = DataPlan::new(&scan, &cfg, 2, 7);
+        assert_eq!(plan.items.len(), 4);
+        assert_eq!(plan.skipped.len(), 1);
+        let e0 = plan.epoch(0);
+        assert_eq!(e0.len(), plan.steps_per_epoch());
+        let mut uses = vec![0; 4];
+        for batch in &e0 {
+            assert!(batch.len() <= 2);
+            assert!(
+                batch
+                    .iter()
+                    .all(|s| plan.items[s.item].bucket == plan.items[batch[0].item].bucket)
+            );
+            batch.iter().for_each(|s| uses[s.item] += 1);
+        }
+        let repeats: Vec<usize> = plan.items.iter().map(|i| i.repeats as usize).collect();
+        assert_eq!(uses, repeats);
+        assert_eq!(plan.epoch(0), e0, "same seed and epoch, same batches");
+        assert_ne!(plan.epoch(1), e0);
+        // The dataset workspace's report counts the same steps per epoch.
+        let inspections: Vec<_> = scan
+            .entries
+            .iter()
+            .map(|e| Some(crate::dataset::inspect::inspect(&e.path)))
+            .collect();
+        let report = crate::dataset::Report::build(&scan, &inspections, &bucket_config(&cfg), 2);
+        assert_eq!(report.steps_per_epoch as usize, plan.steps_per_epoch());
+    }
+
+    #[test]
+    fn images_are_cropped_to_their_bucket_and_flipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let scan = dataset(dir.path());
+        let plan = DataPlan::new(&scan, &DatasetConfig::default(), 1, 1);
+        let wide = plan
+            .items
+            .iter()
+            .find(|i| i.path.ends_with("wide.png"))
+            .unwrap();
+        assert_eq!(wide.bucket, (576, 448));
+        let t = load_for_bucket(wide, false, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[3, 448, 576]);
+        let (lo, hi) = (
+            t.min_all().unwrap().to_scalar::<f32>().unwrap(),
+            t.max_all().unwrap().to_scalar::<f32>().unwrap(),
+        );
+        assert!(lo >= -1.0 && hi <= 1.0);
+        let f = load_for_bucket(wide, true, &Device::Cpu).unwrap();
+        let first_col = t.narrow(2, 0, 1).unwrap();
+        let last_col_flipped = f.narrow(2, 575, 1).unwrap();
+        let diff = (first_col - last_col_flipped)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+
+    #[test]
+    fn captions_keep_the_trigger_and_vary_the_rest() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let o = CaptionOptions {
+            shuffle: true,
+            keep_tokens: 1,
+            tag_dropout: 0.0,
+            caption_dropout: 0.0,
+        };
+        let text = "ohwx, a, b, c, d, e";
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let v = vary_caption(text, o, &mut rng);
+            assert!(v.starts_with("ohwx, "));
+            let mut tags: Vec<&str> = v.split(", ").collect();
+            tags.sort_unstable();
+            assert_eq!(tags, ["a", "b", "c", "d", "e", "ohwx"]);
+            seen.insert(v);
+        }
+        assert!(seen.len() > 1, "the order varies");
+        let all_dropped = CaptionOptions {
+            caption_dropout: 1.0,
+            ..o
+        };
+        assert_eq!(vary_caption(text, all_dropped, &mut rng), "");
+        let tags_dropped = CaptionOptions {
+            shuffle: false,
+            tag_dropout: 1.0,
+            ..o
+        };
+        assert_eq!(vary_caption(text, tags_dropped, &mut rng), "ohwx");
+        let plain = CaptionOptions {
+            shuffle: false,
+            keep_tokens: 0,
+            tag_dropout: 0.0,
+            caption_dropout: 0.0,
+        };
+        assert_eq!(
+            vary_caption("a photo of a cat", plain, &mut rng),
+            "a photo of a cat"
+        );
+    }
+}
