@@ -53,6 +53,20 @@ pub fn peak(device: &Device) -> Option<u64> {
     pool_attribute(device, false)
 }
 
+/// With `LORA_STUDIO_MEMTRACE` set, prints the memory in use (driver) and the pool's peak at `label`, in MiB:
+/// how to find where a training step's memory goes.
+pub fn trace(label: &str, device: &Device) {
+    if std::env::var_os("LORA_STUDIO_MEMTRACE").is_none() {
+        return;
+    }
+    let mib = |b: u64| b / (1 << 20);
+    let used = memory(device).map(|(free, total)| mib(total - free));
+    eprintln!(
+        "memtrace {label}: in use {used:?} MiB, pool peak {:?} MiB",
+        peak(device).map(mib)
+    );
+}
+
 /// Starts a new peak measurement.
 pub fn reset_peak(device: &Device) {
     let _ = pool_attribute(device, true);

@@ -229,6 +229,7 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
     let loss = diffusion_loss(
         &unet, &schedule, loss_opts, &latents, &context, &timesteps, &noise,
     )?;
+    crate::device::trace("phased step: forward done", &device);
     let forward_ms = lap.next()?;
     let peak_forward = crate::device::peak(&device);
     let grads = unet.backward(&loss)?;

@@ -92,6 +92,7 @@ impl CustomOp2 for Recompute {
         _y: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        crate::device::trace(&format!("recompute backward in {:?}", x.dims()), x.device());
         let xv = Var::from_tensor(x)?;
         let av = if self.aux_needs_grad {
             Some(Var::from_tensor(aux)?)
@@ -100,7 +101,9 @@ impl CustomOp2 for Recompute {
         };
         let aux_in = av.as_ref().map_or(aux.clone(), |v| v.as_tensor().clone());
         let y = (self.f)(xv.as_tensor(), &aux_in)?;
+        crate::device::trace("  recomputed forward", x.device());
         let grads = (y * g)?.sum_all()?.backward()?;
+        crate::device::trace("  block backward done", x.device());
         for v in &self.vars {
             if let Some(gv) = grads.get(v) {
                 self.sink.add(v.as_tensor(), gv)?;
