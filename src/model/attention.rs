@@ -120,6 +120,9 @@ impl CustomOp3 for Attention {
         o: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // The inputs are graph nodes: computing from them would record every chunk's intermediates into the
+        // returned gradients' graphs and keep them alive until those are consumed (gigabytes per layer).
+        let (q, k, v, o) = (&q.detach(), &k.detach(), &v.detach(), &o.detach());
         let dt = q.dtype();
         let kt = k.t()?.contiguous()?;
         let vt = v.t()?.contiguous()?;

@@ -468,6 +468,8 @@ impl CustomOp1 for Norm {
 
     /// With x̂ the normalised rows and d = g·w: dx = (d − mean(d) − x̂·mean(d·x̂)) / σ, per row.
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // Detached: ops on the graph node `x` would be recorded and kept alive with the returned gradient.
+        let x = &x.detach();
         let rows = self.mean.dim(0)?;
         let d = g
             .to_dtype(DType::F32)?
