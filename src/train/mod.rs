@@ -1,5 +1,7 @@
-//! Training: configuration, optimizers and learning-rate schedules (the engine builds on these).
+//! Training: configuration, data plan, latent cache, optimizers, learning-rate schedules and the loss (the
+//! engine builds on these).
 
+pub mod cache;
 pub mod config;
 pub mod data;
 pub mod lr;
