@@ -169,3 +169,95 @@ fn lora_files_applied_match_diffusers() {
         }
     }
 }
+
+/// Adapters placed by the target setting, trained (here: given values), saved as a kohya file and loaded onto a
+/// fresh network reproduce the trained network's output.
+#[test]
+fn trained_adapters_round_trip_through_a_kohya_file() {
+    use lora_studio::lora::{BaseModel, LoraMetadata, save_kohya};
+    use lora_studio::model::adapters::{Attach, Slot, Trainable, attach, unet_slot};
+    use lora_studio::train::config::Targets;
+    let r = reference("sd1");
+    let mut counts = Vec::new();
+    for targets in [
+        Targets::Attention,
+        Targets::AttentionAndFeedForward,
+        Targets::All,
+    ] {
+        let mut unet = load_unet("sd1", UNetOptions::default());
+        let slots: Vec<Option<Slot>> = unet
+            .layers_mut()
+            .unwrap()
+            .iter()
+            .map(|l| unet_slot(l, targets))
+            .collect();
+        counts.push((
+            slots.iter().flatten().count(),
+            slots.contains(&Some(Slot::Conv)),
+        ));
+        if targets != Targets::All {
+            continue;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let trained = Trainable::attach(
+            unet.layers_mut().unwrap(),
+            |l| unet_slot(l, targets),
+            (4, 2.0),
+            (2, 1.0),
+            &mut rng,
+        )
+        .unwrap();
+        for (_, a) in &trained.adapters {
+            let values: Vec<f32> = (0..a.up.elem_count())
+                .map(|_| rng.random_range(-0.05f32..0.05))
+                .collect();
+            a.up.set(&Tensor::from_vec(values, a.up.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let expected = run(&unet, &r);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("trained.safetensors");
+        let meta = LoraMetadata {
+            base_model: BaseModel::Sd1,
+            network_dim: 4,
+            network_alpha: 2.0,
+            conv: None,
+            output_name: "trained".into(),
+            training_started_at: std::time::SystemTime::UNIX_EPOCH,
+            saved_at: std::time::SystemTime::UNIX_EPOCH,
+            steps: 1,
+            epoch: 1,
+            learning_rate: 1e-4,
+            resolution: (512, 512),
+            num_train_images: 1,
+            dataset_dirs: Default::default(),
+            tag_frequency: Default::default(),
+            extra: Default::default(),
+        };
+        save_kohya(&trained.to_set("unet").unwrap(), &file, &meta, DType::F32).unwrap();
+        let mut fresh = load_unet("sd1", UNetOptions::default());
+        let (set, report) = lora_studio::lora::load(&file, &fresh.module_paths().unwrap()).unwrap();
+        assert!(report.unmatched.is_empty());
+        assert_eq!(
+            attach(
+                fresh.layers_mut().unwrap(),
+                &set,
+                "unet",
+                1.0,
+                Attach::Unmerged
+            )
+            .unwrap(),
+            trained.adapters.len()
+        );
+        let err = max_abs(&(&run(&fresh, &r) - &expected).unwrap());
+        assert!(err < 1e-5, "max abs error {err}");
+    }
+    assert!(
+        counts[0].0 < counts[1].0 && counts[1].0 < counts[2].0,
+        "{counts:?}"
+    );
+    assert!(
+        !counts[0].1 && !counts[1].1 && counts[2].1,
+        "LoCon only with `all`: {counts:?}"
+    );
+}

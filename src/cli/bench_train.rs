@@ -2,6 +2,7 @@
 //! full-size architecture with random weights — the figures compared with the PyTorch reference
 //! (`torch_ref_bench.py`, same config, resolution, batch, rank, targets and recompute).
 
+use crate::model::adapters::{Slot, Trainable};
 use crate::model::layers::take_forward_flops;
 use crate::model::unet::{UNet, UNetConfig, UNetOptions};
 use crate::model::weights::RandomWeights;
@@ -164,17 +165,16 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
     };
     let mut unet = UNet::load(&RandomWeights, &config, options, dtype, &device)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let mut vars = Vec::new();
-    for layer in unet.layers_mut()? {
+    // The reference's targets: the attention projections only (PEFT's to_q, to_k, to_v, to_out.0).
+    let attention = |l: &crate::model::layers::Adaptable| {
         let attn = [".to_q", ".to_k", ".to_v", ".to_out.0"]
             .iter()
-            .any(|s| layer.path.ends_with(s));
-        if attn {
-            let a = layer.add_adapter(args.rank, args.rank as f64, &mut rng)?;
-            vars.extend([a.down.clone(), a.up.clone()]);
-        }
-    }
-    let adapters = vars.len() / 2;
+            .any(|s| l.path.ends_with(s));
+        attn.then_some(Slot::Linear)
+    };
+    let lora = (args.rank, args.rank as f64);
+    let trained = Trainable::attach(unet.layers_mut()?, attention, lora, lora, &mut rng)?;
+    let (vars, adapters) = (trained.vars(), trained.adapters.len());
     let mut opt = Optimizer::new(
         OptimizerKind::AdamW,
         OptimizerParams::default(),

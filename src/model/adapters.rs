@@ -68,3 +68,84 @@ pub fn attach(
     }
     Ok(attached)
 }
+
+/// Which adapter a layer gets when training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// A LoRA of the network rank (linear layers and 1×1 convs).
+    Linear,
+    /// A LoCon of the conv rank (3×3 convs).
+    Conv,
+}
+
+/// The adapter a UNet layer gets for `targets`, as kohya places them: inside the transformers the attention
+/// projections and proj_in/proj_out always, the feed-forward layers from `AttentionAndFeedForward` on; with `All`
+/// also the resnets (3×3 convs as LoCon, time projection and shortcut as LoRA) and the resamplers. conv_in,
+/// conv_out and the time embedding are never adapted.
+pub fn unet_slot(layer: &Adaptable, targets: crate::train::config::Targets) -> Option<Slot> {
+    use super::layers::AdapterShape;
+    use crate::train::config::Targets;
+    let p = layer.path.as_str();
+    let kind = match layer.shape {
+        AdapterShape::Conv { kernel, .. } if kernel > 1 => Slot::Conv,
+        _ => Slot::Linear,
+    };
+    if p.contains(".attentions.") {
+        let ff = p.ends_with(".ff.net.0.proj") || p.ends_with(".ff.net.2");
+        return (!ff || targets != Targets::Attention).then_some(kind);
+    }
+    let resnet_or_resampler = p.contains(".resnets.") || p.contains("samplers.");
+    (targets == Targets::All && resnet_or_resampler).then_some(kind)
+}
+
+/// The adapters being trained, by layer path; their variables are shared with the layers.
+pub struct Trainable {
+    pub adapters: Vec<(String, Lora)>,
+}
+
+impl Trainable {
+    /// Adds a fresh adapter to every layer `slot` picks, with (rank, alpha) for linear and conv slots.
+    pub fn attach(
+        layers: Vec<&mut Adaptable>,
+        slot: impl Fn(&Adaptable) -> Option<Slot>,
+        linear: (usize, f64),
+        conv: (usize, f64),
+        rng: &mut impl rand::Rng,
+    ) -> Result<Trainable> {
+        let mut adapters = Vec::new();
+        for layer in layers {
+            let (rank, alpha) = match slot(layer) {
+                Some(Slot::Linear) => linear,
+                Some(Slot::Conv) => conv,
+                None => continue,
+            };
+            let lora = layer.add_adapter(rank, alpha, rng)?.clone();
+            adapters.push((layer.path.clone(), lora));
+        }
+        Ok(Trainable { adapters })
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        self.adapters
+            .iter()
+            .flat_map(|(_, a)| [a.down.clone(), a.up.clone()])
+            .collect()
+    }
+
+    /// The adapters' current values as a LoRA set under `component`, for saving.
+    pub fn to_set(&self, component: &str) -> std::result::Result<LoraSet, crate::lora::LoraError> {
+        let mut set = LoraSet {
+            modules: Default::default(),
+            metadata: Default::default(),
+        };
+        for (path, a) in &self.adapters {
+            let m = crate::lora::LoraModule::new(
+                a.down.as_tensor().copy()?,
+                a.up.as_tensor().copy()?,
+                a.alpha as f32,
+            )?;
+            set.modules.insert(format!("{component}.{path}"), m);
+        }
+        Ok(set)
+    }
+}
