@@ -1,4 +1,5 @@
-//! Training: configuration, data plan, latent cache, optimizers, learning-rate schedules and the loss (the
+//! Training: configuration, data plan, latent cache, optimizers, learning-rate schedules, the loss and the
+//! resumable state (the
 //! engine builds on these).
 
 pub mod cache;
@@ -6,4 +7,5 @@ pub mod config;
 pub mod data;
 pub mod lr;
 pub mod optim;
+pub mod state;
 pub mod step;

@@ -1,0 +1,211 @@
+//! Training state on disk, for resume: adapter weights, optimizer state and the counters, in one folder that is
+//! replaced as a whole (written beside it, then swapped in), so a crash leaves the previous state usable.
+//! No random-generator state is stored: the data order follows from (seed, epoch) and per-step noise from
+//! (seed, step), so the counters are enough to continue the same run.
+
+use super::config::TrainConfig;
+use super::optim::Optimizer;
+use crate::model::adapters::Trainable;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Counters {
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub epoch: u64,
+    /// Batches of the current epoch already trained.
+    pub batch_in_epoch: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    schema: u32,
+    counters: Counters,
+    optimizer_steps: u64,
+    config: TrainConfig,
+}
+
+const STATE: &str = "state.toml";
+const ADAPTERS: &str = "adapters.safetensors";
+const OPTIMIZER: &str = "optimizer.safetensors";
+
+fn msg(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// Writes the state folder `dir` (replacing an earlier one only once the new one is complete).
+pub fn save(
+    dir: &Path,
+    counters: &Counters,
+    config: &TrainConfig,
+    trainable: &Trainable,
+    opt: &Optimizer,
+) -> candle_core::Result<()> {
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".state-")
+        .tempdir_in(parent)?;
+    let adapters: HashMap<String, Tensor> = trainable
+        .adapters
+        .iter()
+        .flat_map(|(path, a)| {
+            [
+                (format!("{path}.down"), a.down.as_tensor().clone()),
+                (format!("{path}.up"), a.up.as_tensor().clone()),
+            ]
+        })
+        .collect();
+    candle_core::safetensors::save(&adapters, tmp.path().join(ADAPTERS))?;
+    let (opt_state, optimizer_steps) = opt.state_tensors();
+    candle_core::safetensors::save(&opt_state, tmp.path().join(OPTIMIZER))?;
+    let file = StateFile {
+        schema: 1,
+        counters: counters.clone(),
+        optimizer_steps,
+        config: config.clone(),
+    };
+    std::fs::write(
+        tmp.path().join(STATE),
+        toml::to_string_pretty(&file).map_err(msg)?,
+    )?;
+    let staged: PathBuf = tmp.keep();
+    let old = dir.with_extension("old");
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old)?;
+    }
+    std::fs::rename(&staged, dir)?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Restores adapters (into `trainable`'s variables) and optimizer state from `dir`; returns the counters and the
+/// config the run was started with.
+pub fn load(
+    dir: &Path,
+    trainable: &Trainable,
+    opt: &mut Optimizer,
+) -> candle_core::Result<(Counters, TrainConfig)> {
+    // A crash between the two renames of `save` leaves only the previous state, under `.old`.
+    let old = dir.with_extension("old");
+    let dir = if !dir.join(STATE).is_file() && old.join(STATE).is_file() {
+        old.as_path()
+    } else {
+        dir
+    };
+    let text = std::fs::read_to_string(dir.join(STATE)).map_err(|e| {
+        msg(format!(
+            "{} is not a training state folder ({e})",
+            dir.display()
+        ))
+    })?;
+    let file: StateFile =
+        toml::from_str(&text).map_err(|e| msg(format!("{}: {e}", dir.join(STATE).display())))?;
+    let adapters = candle_core::safetensors::load(dir.join(ADAPTERS), &Device::Cpu)?;
+    for (path, a) in &trainable.adapters {
+        for (part, var) in [("down", &a.down), ("up", &a.up)] {
+            let t = adapters.get(&format!("{path}.{part}")).ok_or_else(|| {
+                msg(format!(
+                    "the saved state has no adapter for {path}: it is from another network"
+                ))
+            })?;
+            var.set(&t.to_device(var.device())?)?;
+        }
+    }
+    let opt_state = candle_core::safetensors::load(dir.join(OPTIMIZER), &Device::Cpu)?;
+    opt.load_state(&opt_state, file.optimizer_steps)?;
+    Ok((file.counters, file.config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::adapters::{Slot, Trainable};
+    use crate::model::layers::{Adaptable, AdapterShape};
+    use crate::train::optim::{Group, OptimizerKind};
+    use rand::SeedableRng;
+
+    fn setup(seed: u64) -> (Vec<Adaptable>, Trainable, Optimizer) {
+        let w = Tensor::ones((3, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mut layers = vec![Adaptable::new(
+            "a.to_q",
+            w.clone(),
+            None,
+            AdapterShape::Linear,
+        )];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let t = Trainable::attach(
+            layers.iter_mut().collect(),
+            |_| Some(Slot::Linear),
+            (2, 2.0),
+            (2, 2.0),
+            &mut rng,
+        )
+        .unwrap();
+        let opt = Optimizer::new(
+            OptimizerKind::AdamW,
+            Default::default(),
+            vec![Group {
+                vars: t.vars(),
+                lr: 0.1,
+            }],
+        );
+        (layers, t, opt)
+    }
+
+    fn train_step(layers: &[Adaptable], opt: &mut Optimizer) {
+        let x = Tensor::new(&[[1f32, 2.0, 3.0, 4.0]], &Device::Cpu).unwrap();
+        let loss = layers[0]
+            .forward(&x)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        opt.step(&loss.backward().unwrap(), 1.0, 1.0).unwrap();
+    }
+
+    #[test]
+    fn resume_continues_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (layers, t, mut opt) = setup(1);
+        train_step(&layers, &mut opt);
+        let counters = Counters {
+            step: 1,
+            epoch: 0,
+            batch_in_epoch: 1,
+        };
+        save(&state, &counters, &TrainConfig::default(), &t, &opt).unwrap();
+        save(&state, &counters, &TrainConfig::default(), &t, &opt).unwrap(); // replacing works too
+        let (layers2, t2, mut opt2) = setup(2); // other initial values, overwritten by the load
+        let (c, cfg) = load(&state, &t2, &mut opt2).unwrap();
+        assert_eq!((c, cfg), (counters, TrainConfig::default()));
+        train_step(&layers, &mut opt);
+        train_step(&layers2, &mut opt2);
+        for ((_, a), (_, b)) in t.adapters.iter().zip(&t2.adapters) {
+            for (x, y) in [(&a.down, &b.down), (&a.up, &b.up)] {
+                let d = (x.as_tensor() - y.as_tensor())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            }
+        }
+        assert!(
+            load(dir.path(), &t2, &mut opt2).is_err(),
+            "a folder without state is refused"
+        );
+    }
+}
