@@ -1,6 +1,5 @@
 //! Training: configuration, data plan, latent cache, optimizers, learning-rate schedules, the loss and the
-//! resumable state (the
-//! engine builds on these).
+//! resumable state — the pieces the training engine is built from.
 
 pub mod cache;
 pub mod config;
