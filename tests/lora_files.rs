@@ -1,6 +1,10 @@
 //! LoRA files: the kohya and PEFT fixtures (made by diffusers, tests/fixtures/sd_tiny) load to the same updates,
 //! saves round-trip with their metadata and kohya's hashes, and broken or foreign keys are reported.
 
+mod common;
+
+use common::sd_tiny::{fixture, fixture_json};
+
 use candle_core::{DType, Device, Tensor};
 use lora_studio::lora::{
     BaseModel, DatasetDir, LoraError, LoraMetadata, LoraModule, LoraSet, load, save_kohya,
@@ -13,20 +17,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 const FAMILIES: [&str; 2] = ["sd1", "sd2v"];
 
-fn family_dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sd_tiny")
-        .join(family)
-}
-
-fn fixture_json(family: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(family_dir(family).join("fixture.json")).unwrap())
-        .unwrap()
-}
-
 /// Every Linear/Conv of the tiny UNet (its 2-D and 4-D `*.weight` tensors), as `unet.<module path>`.
 fn unet_module_paths(family: &str) -> BTreeSet<String> {
-    let file = family_dir(family).join("diffusers/unet/diffusion_pytorch_model.safetensors");
+    let file = fixture(family).join("diffusers/unet/diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(file).unwrap();
     let weights = SafeTensors::deserialize(&bytes).unwrap();
     weights
@@ -80,7 +73,7 @@ fn kohya_and_peft_fixtures_give_the_same_updates() {
         let json = fixture_json(family);
         let modules = json["lora"]["modules"].as_array().unwrap();
         let paths = unet_module_paths(family);
-        let dir = family_dir(family);
+        let dir = fixture(family);
         let (kohya, report) = load(&dir.join("lora_kohya.safetensors"), &paths).unwrap();
         let expected: Vec<String> = modules
             .iter()
@@ -131,7 +124,7 @@ fn kohya_and_peft_fixtures_give_the_same_updates() {
 #[test]
 fn saves_round_trip_with_metadata_in_every_dtype() {
     let paths = unet_module_paths("sd1");
-    let (original, _) = load(&family_dir("sd1").join("lora_kohya.safetensors"), &paths).unwrap();
+    let (original, _) = load(&fixture("sd1").join("lora_kohya.safetensors"), &paths).unwrap();
     let dir = tempfile::tempdir().unwrap();
     for (dtype, tolerance) in [(DType::F32, 0.0), (DType::F16, 1e-3), (DType::BF16, 1e-2)] {
         let file = dir.path().join(format!("tiny-{dtype:?}.safetensors"));
@@ -296,11 +289,9 @@ fn text_encoder_modules_use_the_lora_te_prefix() {
 
 /// The sd1 kohya fixture's tensors plus `extra`, written to a new file.
 fn kohya_fixture_with(dir: &Path, extra: &[(&str, Tensor)]) -> PathBuf {
-    let mut tensors = candle_core::safetensors::load(
-        family_dir("sd1").join("lora_kohya.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(fixture("sd1").join("lora_kohya.safetensors"), &Device::Cpu)
+            .unwrap();
     tensors.extend(extra.iter().map(|(k, t)| (k.to_string(), t.clone())));
     let file = dir.join("edited.safetensors");
     candle_core::safetensors::save(&tensors, &file).unwrap();
@@ -349,11 +340,9 @@ fn broken_pairs_are_clear_errors() {
         assert!(err.contains(&part), "`{part}` missing from: {err}");
     }
 
-    let mut tensors: HashMap<String, Tensor> = candle_core::safetensors::load(
-        family_dir("sd1").join("lora_kohya.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("sd1").join("lora_kohya.safetensors"), &Device::Cpu)
+            .unwrap();
     tensors.remove(&up_key);
     let half = dir.path().join("half.safetensors");
     candle_core::safetensors::save(&tensors, &half).unwrap();

@@ -9,6 +9,10 @@
 //! Regenerating: first `cargo test --test lora_roundtrip -- --ignored write_lora_ours_fixture`, then
 //! `.venv-ref/bin/python tools/make_sd_reference.py` (tools/README.md).
 
+mod common;
+
+use common::sd_tiny::{fixture, fixture_json, max_abs, reference};
+
 use candle_core::{DType, Device, Tensor};
 use lora_studio::lora::{BaseModel, ConvLora, LoraMetadata, LoraModule, LoraSet, load, save_kohya};
 use lora_studio::model::adapters::{Attach, attach};
@@ -62,36 +66,6 @@ const TEXT_ENCODER_TARGETS: [&str; 6] = [
     ".mlp.fc2",
 ];
 
-fn family_dir(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sd_tiny")
-        .join(family)
-}
-
-fn reference(family: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(
-        family_dir(family).join("reference.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn fixture_json(family: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(family_dir(family).join("fixture.json")).unwrap())
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 fn mean_abs(t: &Tensor) -> f32 {
     t.abs().unwrap().mean_all().unwrap().to_scalar().unwrap()
 }
@@ -115,7 +89,7 @@ fn weight_shapes(file: PathBuf) -> BTreeMap<String, Vec<usize>> {
 /// from the tiny diffusers weights: the attention projections, feed-forward and proj_in/proj_out of every
 /// transformer, a few 3×3 resnet convs, and q/k/v/out and fc1/fc2 of every text-encoder layer.
 fn target_modules(family: &str) -> BTreeMap<String, Vec<usize>> {
-    let diffusers = family_dir(family).join("diffusers");
+    let diffusers = fixture(family).join("diffusers");
     let mut targets = BTreeMap::new();
     for (stem, shape) in weight_shapes(diffusers.join("unet/diffusion_pytorch_model.safetensors")) {
         let in_transformer =
@@ -224,7 +198,7 @@ fn ours_metadata(family: &str) -> LoraMetadata {
 fn write_lora_ours_fixture() {
     for family in FAMILIES {
         let set = ours_set(family);
-        let path = family_dir(family).join(OURS);
+        let path = fixture(family).join(OURS);
         save_kohya(&set, &path, &ours_metadata(family), DType::F32).unwrap();
         println!(
             "{family}: wrote {} ({} modules)",
@@ -265,7 +239,7 @@ fn load_unet(files: &checkpoint::ModelFiles) -> UNet {
 fn ours_file_is_reproducible_and_fully_matched() {
     let dir = tempfile::tempdir().unwrap();
     for family in FAMILIES {
-        let file = family_dir(family).join(OURS);
+        let file = fixture(family).join(OURS);
         let again = dir.path().join(format!("{family}.safetensors"));
         save_kohya(
             &ours_set(family),
@@ -281,7 +255,7 @@ fn ours_file_is_reproducible_and_fully_matched() {
             file.display()
         );
 
-        let files = checkpoint::open(&family_dir(family).join("diffusers")).unwrap();
+        let files = checkpoint::open(&fixture(family).join("diffusers")).unwrap();
         let mut unet = load_unet(&files);
         let paths = model_module_paths(&files, &mut unet);
         let (set, report) = load(&file, &paths).unwrap();
@@ -325,10 +299,10 @@ fn ours_file_is_reproducible_and_fully_matched() {
 fn ours_on_our_unet_and_text_encoder_matches_diffusers() {
     for family in FAMILIES {
         let r = reference(family);
-        let files = checkpoint::open(&family_dir(family).join("diffusers")).unwrap();
+        let files = checkpoint::open(&fixture(family).join("diffusers")).unwrap();
         let mut unet = load_unet(&files);
         let paths = model_module_paths(&files, &mut unet);
-        let (set, _) = load(&family_dir(family).join(OURS), &paths).unwrap();
+        let (set, _) = load(&fixture(family).join(OURS), &paths).unwrap();
         let n = attach(
             unet.layers_mut().unwrap(),
             &set,
@@ -432,7 +406,7 @@ fn rgb_to_unit(image: &image::RgbImage) -> Tensor {
 fn pipeline_ddim_sample_and_image_match_diffusers_with_and_without_ours() {
     for family in FAMILIES {
         let r = reference(family);
-        let folder = family_dir(family).join("diffusers");
+        let folder = fixture(family).join("diffusers");
         let req = Request {
             prompt: PROMPT.into(),
             negative: String::new(),
@@ -444,7 +418,7 @@ fn pipeline_ddim_sample_and_image_match_diffusers_with_and_without_ours() {
             height: 32,
             latents: Some(r["sample.latents_in"].clone()),
         };
-        let lora = [(family_dir(family).join(OURS), 1.0)];
+        let lora = [(fixture(family).join(OURS), 1.0)];
         let mut images = Vec::new();
         for (loras, prefix) in [(&[][..], "sample"), (&lora[..], "ours")] {
             let p = Pipeline::load(&folder, None, loras, &Device::Cpu, DType::F32).unwrap();

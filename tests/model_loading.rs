@@ -1,6 +1,10 @@
 //! Loading base models: detection, the LDM → diffusers key map, the text encoder, the VAE and the tokenizer,
 //! checked against the tiny reference models in tests/fixtures/sd_tiny (made with diffusers/transformers).
 
+mod common;
+
+use common::sd_tiny::{fixture, fixture_json, reference};
+
 use candle_core::{DType, Device, Tensor};
 use lora_studio::model::checkpoint::{
     self, CheckpointError, Family, Layout, ModelFiles, Prediction,
@@ -13,22 +17,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 const TOLERANCE: f32 = 1e-4;
-
-fn fixture(family: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sd_tiny")
-        .join(family)
-}
-
-fn reference(family: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(family).join("reference.safetensors"), &Device::Cpu)
-        .unwrap()
-}
-
-fn fixture_json(family: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(family).join("fixture.json")).unwrap())
-        .unwrap()
-}
 
 /// Every way each fixture family is stored.
 fn layouts(family: &str) -> Vec<PathBuf> {

@@ -1,33 +1,14 @@
 //! Text to image end to end on the tiny fixtures: tokenizer → text encoder → UNet → sampler → VAE, against
 //! diffusers' pipeline outputs, and the `sample` command.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use common::sd_tiny::{fixture, max_abs, reference};
+
+use candle_core::{DType, Device};
 use lora_studio::sample::Sampler;
 use lora_studio::sample::pipeline::{Pipeline, Request};
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixture(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sd_tiny")
-        .join(family)
-}
-
-fn reference(family: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(family).join("reference.safetensors"), &Device::Cpu)
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 const PROMPT: &str = "a photo of sks person, oil painting";
 

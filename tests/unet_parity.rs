@@ -1,17 +1,14 @@
 //! Our UNet against diffusers on the tiny random-weight fixtures, and gradients through every adapter.
 
+mod common;
+
+use common::sd_tiny::{fixture, max_abs, reference};
+
 use candle_core::{DType, Device, Tensor};
 use lora_studio::model::unet::{UNet, UNetConfig, UNetOptions};
 use lora_studio::model::weights::MemoryWeights;
 use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn fixture(family: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/sd_tiny")
-        .join(family)
-}
 
 fn load_unet(family: &str, options: UNetOptions) -> UNet {
     let dir = fixture(family).join("diffusers/unet");
@@ -30,22 +27,6 @@ fn load_unet(family: &str, options: UNetOptions) -> UNet {
         &Device::Cpu,
     )
     .unwrap()
-}
-
-fn reference(family: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture(family).join("reference.safetensors"), &Device::Cpu)
-        .unwrap()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn run(unet: &UNet, r: &HashMap<String, Tensor>) -> Tensor {

@@ -1,6 +1,8 @@
 //! Fixture datasets written by the tests themselves: real image files, each kind of problem once.
 #![allow(dead_code)]
 
+pub mod sd_tiny;
+
 use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
 use lora_studio::dataset::synth::{Rng, picture};
 use std::path::{Path, PathBuf};
