@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicBool;
 mod bench;
 mod bench_train;
 mod sample;
+mod train;
 
 #[derive(Parser, Debug)]
 #[command(name = "lora-studio", version, about = "Train LoRA adapters for image-generation models.", long_about = None)]
@@ -32,6 +33,8 @@ pub enum Command {
     /// Check and edit a dataset folder.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Train a LoRA (headless; the same engine as the GUI's Train button).
+    Train(Box<train::TrainArgs>),
     /// Generate an image from a checkpoint, optionally with LoRAs.
     Sample(sample::SampleArgs),
     /// Measure speed.
@@ -123,6 +126,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Some(Command::Dataset(cmd)) => dataset(cmd),
         Some(Command::Bench(cmd)) => bench::run(cmd),
         Some(Command::Sample(args)) => sample::run(&args),
+        Some(Command::Train(args)) => train::run(&args),
     }
 }
 

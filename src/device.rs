@@ -37,6 +37,17 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// Whether the device computes bf16 natively (NVIDIA compute capability 8.0 and up: Ampere and later).
+pub fn supports_bf16(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        let ctx = cuda.cuda_stream().context().clone();
+        return ctx.compute_capability().is_ok_and(|(major, _)| major >= 8);
+    }
+    let _ = device;
+    false
+}
+
 /// (free, total) device memory in bytes, from the driver; `None` on the CPU.
 pub fn memory(device: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]

@@ -211,7 +211,7 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
         let grads = unet.backward(&loss)?;
         loss_finite &= loss.to_scalar::<f32>()?.is_finite();
         drop(loss);
-        opt.step(&grads, 1.0, 1.0)?;
+        opt.step(&grads, 1.0, 1.0, 1.0)?;
         drop(grads);
         device.synchronize()?;
         if i >= args.warmup {
@@ -236,7 +236,7 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
     drop(loss);
     let backward_ms = lap.next()?;
     let peak_backward = crate::device::peak(&device);
-    opt.step(&grads, 1.0, 1.0)?;
+    opt.step(&grads, 1.0, 1.0, 1.0)?;
     drop(grads);
     let optimizer_ms = lap.next()?;
     let free_after = crate::device::memory(&device);

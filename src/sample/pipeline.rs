@@ -106,10 +106,7 @@ impl Pipeline {
         let text_encoder = TextEncoder::new(&te_weights, &files.text_encoder_config, dtype, device)
             .map_err(err)?;
         let vae = Vae::new(files.vae(), &files.vae_config, DType::F32, device).map_err(err)?;
-        let tokenizer = match folder_tokenizer(model) {
-            Some(t) => t?,
-            None => ClipTokenizer::bundled(files.family),
-        };
+        let tokenizer = tokenizer_for(model, files.family)?;
         Ok(Pipeline {
             tokenizer,
             model: files,
@@ -211,6 +208,18 @@ fn text_encoder_paths(w: &dyn Weights) -> BTreeSet<String> {
                 .map(|p| format!("text_encoder.{p}"))
         })
         .collect()
+}
+
+/// The tokenizer of `model`: the folder's own when it is a diffusers folder with tokenizer files, else the
+/// bundled one of its family.
+pub fn tokenizer_for(
+    model: &Path,
+    family: crate::model::checkpoint::Family,
+) -> Result<ClipTokenizer, String> {
+    match folder_tokenizer(model) {
+        Some(t) => t,
+        None => Ok(ClipTokenizer::bundled(family)),
+    }
 }
 
 /// The tokenizer shipped in a diffusers folder (`tokenizer/vocab.json`, `merges.txt`, its pad token), if any.

@@ -230,8 +230,9 @@ impl Default for TrainingConfig {
 pub struct SavingConfig {
     pub output_dir: PathBuf,
     pub output_name: String,
-    /// Save a LoRA every N steps (0 = only at the end).
+    /// Save a LoRA (and the resumable state) every N steps (0 = off).
     pub every_n_steps: u64,
+    /// Save a LoRA (and the state) every N epochs (0 = off). The final LoRA is always saved.
     pub every_n_epochs: u32,
     /// Keep only the newest K intermediate saves (0 = keep all).
     pub keep_last: u32,
@@ -245,7 +246,7 @@ impl Default for SavingConfig {
             output_dir: PathBuf::from("output"),
             output_name: "my-lora".into(),
             every_n_steps: 0,
-            every_n_epochs: 1,
+            every_n_epochs: 0,
             keep_last: 0,
             dtype: "fp16".into(),
         }
@@ -332,13 +333,27 @@ impl TrainConfig {
                 "is newer than this app understands; update lora-studio",
             );
         }
-        if !(64..=4096).contains(&self.dataset.resolution)
+        if !(32..=4096).contains(&self.dataset.resolution)
             || !self.dataset.resolution.is_multiple_of(8)
         {
             return err(
                 "dataset.resolution",
-                "must be a multiple of 8 between 64 and 4096 (usually 512, 768 or 1024)",
+                "must be a multiple of 8 between 32 and 4096 (usually 512, 768 or 1024)",
             );
+        }
+        for (i, p) in self.sampling.prompts.iter().enumerate() {
+            let key = |k: &str| format!("sampling.prompts[{i}].{k}");
+            for (k, side) in [("width", p.width), ("height", p.height)] {
+                if !(32..=2048).contains(&side) || !side.is_multiple_of(8) {
+                    return err(&key(k), "must be a multiple of 8 between 32 and 2048");
+                }
+            }
+            if !(1..=200).contains(&p.steps) {
+                return err(&key("steps"), "must be between 1 and 200 (usually 20–30)");
+            }
+            if !(0.0..=30.0).contains(&p.cfg) {
+                return err(&key("cfg"), "must be between 0 and 30 (usually 5–8)");
+            }
         }
         if self.network.rank == 0 || self.network.rank > 1024 {
             return err("network.rank", "must be between 1 and 1024 (usually 4–64)");

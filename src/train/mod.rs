@@ -1,10 +1,21 @@
-//! Training: configuration, data plan, latent cache, optimizers, learning-rate schedules, the loss and the
-//! resumable state — the pieces the training engine is built from.
+//! Training: configuration and presets, the data plan, latent cache, optimizers, learning-rate schedules, the
+//! loss, the resumable state, and the engine that runs them on its own thread.
 
 pub mod cache;
 pub mod config;
 pub mod data;
+pub mod engine;
+pub mod events;
+pub mod failure;
 pub mod lr;
 pub mod optim;
+pub mod plan;
+pub mod presets;
+mod run;
 pub mod state;
 pub mod step;
+
+pub use engine::{Engine, StartOptions};
+pub use events::{Command, Event, Phase};
+pub use failure::Failure;
+pub use run::compute_dtype;

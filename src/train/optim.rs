@@ -84,15 +84,26 @@ impl Optimizer {
         Ok(total.map_or(Ok(0.0), |t| t.to_scalar::<f32>())?.sqrt() as f64)
     }
 
-    /// One update with each group's learning rate times `lr_factor`, after clipping the global gradient norm to
-    /// `max_norm` (0 = no clipping). Returns the gradient norm before clipping.
-    pub fn step(&mut self, grads: &GradStore, lr_factor: f64, max_norm: f64) -> Result<f64> {
-        let norm = self.grad_norm(grads)?;
+    /// One update with each group's learning rate times `lr_factor`, from gradients of a loss multiplied by
+    /// `loss_scale` (fp16 loss scaling; 1 otherwise), after clipping the global gradient norm to `max_norm`
+    /// (0 = no clipping). Returns the (unscaled) gradient norm before clipping; when it is not finite nothing is
+    /// updated.
+    pub fn step(
+        &mut self,
+        grads: &GradStore,
+        lr_factor: f64,
+        max_norm: f64,
+        loss_scale: f64,
+    ) -> Result<f64> {
+        let norm = self.grad_norm(grads)? / loss_scale;
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
         let clip = if max_norm > 0.0 && norm > max_norm {
             max_norm / (norm + 1e-6)
         } else {
             1.0
-        };
+        } / loss_scale;
         self.step += 1;
         for gi in 0..self.groups.len() {
             let lr = self.groups[gi].lr * lr_factor;
@@ -235,7 +246,7 @@ mod tests {
             let first = loss(&w).to_scalar::<f32>().unwrap();
             for _ in 0..200 {
                 let grads = loss(&w).backward().unwrap();
-                opt.step(&grads, 1.0, 1.0).unwrap();
+                opt.step(&grads, 1.0, 1.0, 1.0).unwrap();
             }
             let last = loss(&w).to_scalar::<f32>().unwrap();
             assert!(last < first * 0.05, "{kind:?}: {first} -> {last}");
@@ -261,7 +272,7 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        a.step(&grads, 1.0, 0.0).unwrap();
+        a.step(&grads, 1.0, 0.0, 1.0).unwrap();
         let (state, step) = a.state_tensors();
         let w2 = Var::from_tensor(w.as_tensor()).unwrap();
         let mut b = Optimizer::new(
@@ -289,8 +300,8 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
-        a.step(&ga, 1.0, 0.0).unwrap();
-        b.step(&gb, 1.0, 0.0).unwrap();
+        a.step(&ga, 1.0, 0.0, 1.0).unwrap();
+        b.step(&gb, 1.0, 0.0, 1.0).unwrap();
         let diff = (w.as_tensor() - w2.as_tensor())
             .unwrap()
             .abs()

@@ -88,6 +88,32 @@ pub fn save(
     Ok(())
 }
 
+/// The config a saved run was started with (for `--resume` to build on).
+pub fn saved_config(dir: &Path) -> candle_core::Result<TrainConfig> {
+    let file = read_state(&state_dir(dir))?;
+    Ok(file.config)
+}
+
+/// The folder to read: `dir`, or its `.old` twin when a crash between the two renames of `save` left only that.
+fn state_dir(dir: &Path) -> PathBuf {
+    let old = dir.with_extension("old");
+    if !dir.join(STATE).is_file() && old.join(STATE).is_file() {
+        old
+    } else {
+        dir.to_owned()
+    }
+}
+
+fn read_state(dir: &Path) -> candle_core::Result<StateFile> {
+    let text = std::fs::read_to_string(dir.join(STATE)).map_err(|e| {
+        msg(format!(
+            "{} is not a training state folder ({e})",
+            dir.display()
+        ))
+    })?;
+    toml::from_str(&text).map_err(|e| msg(format!("{}: {e}", dir.join(STATE).display())))
+}
+
 /// Restores adapters (into `trainable`'s variables) and optimizer state from `dir`; returns the counters and the
 /// config the run was started with.
 pub fn load(
@@ -95,21 +121,8 @@ pub fn load(
     trainable: &Trainable,
     opt: &mut Optimizer,
 ) -> candle_core::Result<(Counters, TrainConfig)> {
-    // A crash between the two renames of `save` leaves only the previous state, under `.old`.
-    let old = dir.with_extension("old");
-    let dir = if !dir.join(STATE).is_file() && old.join(STATE).is_file() {
-        old.as_path()
-    } else {
-        dir
-    };
-    let text = std::fs::read_to_string(dir.join(STATE)).map_err(|e| {
-        msg(format!(
-            "{} is not a training state folder ({e})",
-            dir.display()
-        ))
-    })?;
-    let file: StateFile =
-        toml::from_str(&text).map_err(|e| msg(format!("{}: {e}", dir.join(STATE).display())))?;
+    let dir = &state_dir(dir);
+    let file = read_state(dir)?;
     let adapters = candle_core::safetensors::load(dir.join(ADAPTERS), &Device::Cpu)?;
     for (path, a) in &trainable.adapters {
         for (part, var) in [("down", &a.down), ("up", &a.up)] {
@@ -171,7 +184,7 @@ mod tests {
             .unwrap()
             .sum_all()
             .unwrap();
-        opt.step(&loss.backward().unwrap(), 1.0, 1.0).unwrap();
+        opt.step(&loss.backward().unwrap(), 1.0, 1.0, 1.0).unwrap();
     }
 
     #[test]

@@ -1,0 +1,370 @@
+//! Before a run: the dataset as the trainer will see it, the step counts, the output files, and an estimate of
+//! the device memory the run needs. The engine builds its run from the same functions, so the plan the GUI shows
+//! is the plan that runs.
+
+use super::config::TrainConfig;
+use super::data::DataPlan;
+use super::events::Plan;
+use super::failure::Failure;
+use crate::dataset::scan::caption_path_for;
+use crate::dataset::{Caption, Scan};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+/// Where a run writes: `DIR/NAME.safetensors`, `DIR/NAME-step{N}.safetensors`, `DIR/samples/`, `DIR/state/`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputPaths {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl OutputPaths {
+    pub fn new(config: &TrainConfig) -> Self {
+        OutputPaths {
+            dir: config.saving.output_dir.clone(),
+            name: config.saving.output_name.clone(),
+        }
+    }
+
+    pub fn final_lora(&self) -> PathBuf {
+        self.dir.join(format!("{}.safetensors", self.name))
+    }
+
+    pub fn step_lora(&self, step: u64) -> PathBuf {
+        self.dir
+            .join(format!("{}-step{step}.safetensors", self.name))
+    }
+
+    pub fn samples(&self) -> PathBuf {
+        self.dir.join("samples")
+    }
+
+    pub fn sample(&self, step: u64, prompt_index: usize) -> PathBuf {
+        self.samples()
+            .join(format!("{}-step{step:06}-p{prompt_index}.png", self.name))
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The intermediate LoRA files of this run name, by step (oldest first).
+    pub fn step_loras(&self) -> Vec<(u64, PathBuf)> {
+        let prefix = format!("{}-step", self.name);
+        let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let path = e.ok()?.path();
+                let stem = path.file_stem()?.to_str()?;
+                let step = stem.strip_prefix(&prefix)?.parse().ok()?;
+                (path.extension()? == "safetensors").then_some((step, path))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+}
+
+/// The dataset as the run uses it.
+pub struct Data {
+    pub scan: Scan,
+    pub plan: DataPlan,
+    pub warnings: Vec<String>,
+}
+
+/// Scans the dataset folder, reads captions with the configured extension and places every readable image in
+/// its bucket. Fails, with what to do, when nothing can be trained or no batch can be filled.
+pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
+    let folder = &config.dataset.folder;
+    if folder.as_os_str().is_empty() {
+        return Err(Failure::new(
+            "No dataset folder is set.",
+            "Open a dataset folder (images with .txt captions), or set `dataset.folder`.",
+        ));
+    }
+    let mut scan = crate::dataset::scan(folder, &AtomicBool::new(false))
+        .map_err(|e| Failure::new(e.to_string(), ""))?;
+    let ext = crate::dataset::project::normalize_ext(&config.dataset.caption_extension);
+    if ext != scan.project.caption_ext() {
+        for e in &mut scan.entries {
+            e.caption_path = caption_path_for(&e.path, &ext);
+            e.caption = Caption::load(&e.caption_path);
+        }
+    }
+    if scan.entries.is_empty() {
+        return Err(Failure::new(
+            format!("{} holds no images.", folder.display()),
+            "Put .png/.jpg/.webp/.bmp images (with .txt captions beside them) into the folder, or open the \
+             folder that holds them.",
+        ));
+    }
+    let batch = config.training.batch_size as usize;
+    let plan = DataPlan::new(&scan, &config.dataset, batch, config.training.seed);
+    if plan.items.is_empty() {
+        return Err(Failure::new(
+            format!(
+                "None of the {} images in {} can be read (first: {}: {}).",
+                plan.skipped.len(),
+                folder.display(),
+                plan.skipped[0].0.display(),
+                plan.skipped[0].1
+            ),
+            "Check the files in the Dataset workspace (Problems filter) and replace the broken ones.",
+        ));
+    }
+    let mut warnings: Vec<String> = plan
+        .skipped
+        .iter()
+        .map(|(p, why)| format!("{} is left out: {why}", p.display()))
+        .collect();
+    let missing = scan
+        .entries
+        .iter()
+        .filter(|e| !e.caption.is_usable())
+        .count();
+    if missing > 0 {
+        warnings.push(format!(
+            "{missing} images have no usable caption ({ext}); they train with an empty caption"
+        ));
+    }
+    let uses = bucket_uses(&plan);
+    let largest = uses.values().copied().max().unwrap_or(0);
+    if batch > largest {
+        return Err(Failure::new(
+            format!(
+                "The batch size ({batch}) is larger than every bucket: the largest holds {largest} image uses per \
+                 epoch."
+            ),
+            format!(
+                "Lower `training.batch_size` to {largest} or less, add images or repeats, or turn off \
+                 `dataset.bucketing` so all images share one square bucket."
+            ),
+        ));
+    }
+    let small = uses.values().filter(|&&n| n < batch).count();
+    if small > 0 {
+        warnings.push(format!(
+            "{small} buckets hold fewer image uses than the batch size ({batch}); their batches are smaller"
+        ));
+    }
+    Ok(Data {
+        scan,
+        plan,
+        warnings,
+    })
+}
+
+/// Image uses per epoch by bucket.
+fn bucket_uses(plan: &DataPlan) -> BTreeMap<(u32, u32), usize> {
+    let mut uses = BTreeMap::new();
+    for item in &plan.items {
+        *uses.entry(item.bucket).or_insert(0) += item.repeats as usize;
+    }
+    uses
+}
+
+/// Optimizer steps of the whole run: `training.steps`, or the epochs' batches over the accumulation.
+pub fn total_steps(config: &TrainConfig, plan: &DataPlan) -> u64 {
+    if config.training.steps > 0 {
+        return config.training.steps;
+    }
+    let batches = plan.steps_per_epoch() as u64 * u64::from(config.training.epochs);
+    batches
+        .div_ceil(u64::from(config.optimizer.gradient_accumulation))
+        .max(1)
+}
+
+/// The plan event of a run.
+pub fn make_plan(config: &TrainConfig, data: &Data, device: &str, precision: &str) -> Plan {
+    let out = OutputPaths::new(config);
+    Plan {
+        images: data.plan.items.len(),
+        samples_per_epoch: data.plan.items.iter().map(|i| i.repeats as usize).sum(),
+        buckets: bucket_uses(&data.plan)
+            .into_iter()
+            .map(|((w, h), n)| (w, h, n))
+            .collect(),
+        steps_per_epoch: data.plan.steps_per_epoch(),
+        total_steps: total_steps(config, &data.plan),
+        start_step: 0,
+        output_dir: out.dir.clone(),
+        lora_file: out.final_lora(),
+        device: device.to_owned(),
+        precision: precision.to_owned(),
+    }
+}
+
+/// Estimated device memory of a run, by part.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryEstimate {
+    pub total_bytes: u64,
+    pub parts: Vec<(String, u64)>,
+}
+
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+
+impl MemoryEstimate {
+    /// `Some(advice)` when the run will not fit a card of `card_total_bytes` (with 5 % kept for the driver).
+    pub fn advice(&self, card_total_bytes: u64, config: &TrainConfig) -> Option<String> {
+        let usable = card_total_bytes as f64 * 0.95;
+        (self.total_bytes as f64 > usable).then(|| {
+            format!(
+                "This run needs about {:.1} GiB but the card has {:.1} GiB. {}",
+                self.total_bytes as f64 / GIB,
+                card_total_bytes as f64 / GIB,
+                super::failure::oom_advice(config)
+            )
+        })
+    }
+}
+
+/// Estimates device memory from the UNet's size and the largest bucket, calibrated on SD 1.5 measurements
+/// (docs/BENCHMARKS.md: 512 px, bf16, H200): activations per sample 0.5 GiB with recompute and 1.9 GiB without,
+/// scaling with pixels and with the UNet's width.
+pub fn estimate_memory(
+    unet_params: u64,
+    compute_bytes: u64,
+    config: &TrainConfig,
+    largest_bucket_pixels: u64,
+) -> MemoryEstimate {
+    let weights = unet_params * compute_bytes;
+    let sd15_params = 860_000_000f64;
+    let per_sample_512 = if config.training.recompute { 0.5 } else { 1.9 } * GIB;
+    let pixel_scale = largest_bucket_pixels as f64 / (512.0 * 512.0);
+    let width_scale = (unet_params as f64 / sd15_params).sqrt();
+    let activations =
+        (per_sample_512 * pixel_scale * width_scale * f64::from(config.training.batch_size)) as u64;
+    // Adapters, gradients and AdamW moments (f32, four copies), about rank/16 × 13 MB on SD 1.5.
+    let adapters = (unet_params as f64 / sd15_params * f64::from(config.network.rank) / 16.0
+        * 13e6
+        * 4.0) as u64;
+    let workspace = (0.35 * GIB) as u64;
+    let parts = vec![
+        ("UNet weights".to_owned(), weights),
+        ("activations".to_owned(), activations),
+        ("adapters and optimizer".to_owned(), adapters),
+        ("kernels and workspace".to_owned(), workspace),
+    ];
+    MemoryEstimate {
+        total_bytes: parts.iter().map(|p| p.1).sum(),
+        parts,
+    }
+}
+
+/// Everything the GUI shows before Start.
+#[derive(Clone, Debug)]
+pub struct Preview {
+    pub plan: Plan,
+    pub memory: MemoryEstimate,
+    pub warnings: Vec<String>,
+}
+
+/// The plan of `config` without loading any weights (reads the dataset and the checkpoint's header).
+pub fn preview(config: &TrainConfig) -> Result<Preview, Failure> {
+    config
+        .validate()
+        .map_err(|e| Failure::new(e.0, "Fix the setting named."))?;
+    let model = open_model(config)?;
+    let data = load_data(config)?;
+    let (device, _) = crate::device::best();
+    let describe = crate::device::describe(&device);
+    let dtype = super::run::compute_dtype(config, &device);
+    let plan = make_plan(
+        config,
+        &data,
+        &describe,
+        &format!("{dtype:?}").to_lowercase(),
+    );
+    let largest = plan
+        .buckets
+        .iter()
+        .map(|&(w, h, _)| u64::from(w) * u64::from(h))
+        .max()
+        .unwrap_or(0);
+    let unet = model.unet();
+    let unet_params: u64 = unet
+        .names()
+        .iter()
+        .filter_map(|n| unet.shape(n))
+        .map(|s| s.iter().product::<usize>() as u64)
+        .sum();
+    let memory = estimate_memory(unet_params, dtype.size_in_bytes() as u64, config, largest);
+    Ok(Preview {
+        plan,
+        memory,
+        warnings: data.warnings,
+    })
+}
+
+/// Opens the configured checkpoint (headers only), with the VAE override and prediction setting applied.
+pub fn open_model(config: &TrainConfig) -> Result<crate::model::checkpoint::ModelFiles, Failure> {
+    use super::config::Prediction as P;
+    let m = &config.model;
+    if m.checkpoint.as_os_str().is_empty() {
+        return Err(Failure::new(
+            "No base model is set.",
+            "Choose the Stable Diffusion 1.x/2.x checkpoint to train on (a .safetensors file or a diffusers \
+             folder), or set `model.checkpoint`.",
+        ));
+    }
+    let hint = "Choose a Stable Diffusion 1.x or 2.x checkpoint: a single-file .safetensors as downloaded, or a \
+                diffusers folder.";
+    let mut files = crate::model::checkpoint::open(&m.checkpoint)
+        .map_err(|e| Failure::new(e.to_string(), hint))?;
+    if let Some(vae) = &m.vae {
+        files = files.with_vae(vae).map_err(|e| {
+            Failure::new(
+                e.to_string(),
+                "Choose a VAE .safetensors file, or clear the VAE override.",
+            )
+        })?;
+    }
+    match m.prediction {
+        P::Auto => {}
+        P::Epsilon => files = files.with_prediction(crate::sample::Prediction::Epsilon),
+        P::V => files = files.with_prediction(crate::sample::Prediction::V),
+    }
+    Ok(files)
+}
+
+/// The dataset's folder names as kohya records them, with repeats and image counts.
+pub fn dataset_dirs(data: &Data) -> BTreeMap<String, crate::lora::DatasetDir> {
+    let mut dirs: BTreeMap<String, crate::lora::DatasetDir> = BTreeMap::new();
+    for item in &data.plan.items {
+        let folder = folder_of(&data.scan, &item.path);
+        let e = dirs.entry(folder).or_insert(crate::lora::DatasetDir {
+            n_repeats: item.repeats,
+            img_count: 0,
+        });
+        e.img_count += 1;
+    }
+    dirs
+}
+
+/// Caption tag counts by folder (kohya's `ss_tag_frequency`).
+pub fn tag_frequency(data: &Data) -> BTreeMap<String, BTreeMap<String, usize>> {
+    let mut freq: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for item in &data.plan.items {
+        let folder = folder_of(&data.scan, &item.path);
+        let tags = freq.entry(folder).or_default();
+        for tag in crate::dataset::caption::split_tags(&item.caption) {
+            *tags.entry(tag.to_owned()).or_insert(0) += 1;
+        }
+    }
+    freq
+}
+
+fn folder_of(scan: &Scan, path: &Path) -> String {
+    scan.entries
+        .iter()
+        .find(|e| e.path == path)
+        .map(|e| e.folder.clone())
+        .filter(|f| f != ".")
+        .unwrap_or_else(|| {
+            scan.root
+                .file_name()
+                .map_or_else(|| ".".into(), |n| n.to_string_lossy().into_owned())
+        })
+}

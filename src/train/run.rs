@@ -1,0 +1,1159 @@
+//! One training run on the engine thread: load, cache latents and text embeddings, train, sample and save, with
+//! the front end's commands honoured between steps. Every random draw of a step comes from (seed, step), and the
+//! data order from (seed, epoch), so a resumed run repeats the uninterrupted one exactly.
+
+use super::cache::{LatentCache, vae_id};
+use super::config::{Precision, TrainConfig};
+use super::data::{CaptionOptions, load_for_bucket, vary_caption};
+use super::engine::{Link, StartOptions};
+use super::events::{Command, Event, Phase, StepStats};
+use super::failure::Failure;
+use super::lr::lr_factor;
+use super::optim::{Group, Optimizer};
+use super::plan::{Data, OutputPaths, load_data, make_plan, open_model};
+use super::state::{self, Counters};
+use super::step::{LossOptions, diffusion_loss};
+use crate::lora::{BaseModel, ConvLora, LoraMetadata};
+use crate::model::adapters::{Trainable, unet_slot};
+use crate::model::checkpoint::{Family, ModelFiles};
+use crate::model::text_encoder::TextEncoder;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::{UNet, UNetOptions};
+use crate::model::vae::{Vae, tensor_to_images};
+use crate::sample::{NoiseSchedule, Prediction, SampleConfig, Sampler, initial_noise};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use std::collections::{HashMap, VecDeque};
+use std::time::{Instant, SystemTime};
+
+/// Consecutive steps with a non-finite loss or gradient after which the run stops.
+const MAX_BAD_STEPS: u32 = 5;
+
+/// Runs `config` to its end, reporting through `link`; failures end with a `Failed` event.
+pub fn run(config: TrainConfig, options: StartOptions, link: &Link) {
+    let result = Trainer::new(config, &options, link).and_then(|mut t| t.train(&options));
+    if let Err(f) = result {
+        link.emit(Event::Phase {
+            phase: Phase::Failed,
+        });
+        link.emit(Event::Failed {
+            message: f.message,
+            hint: f.hint,
+        });
+    }
+}
+
+/// The compute dtype: fp32 on the CPU; on a GPU bf16 where supported, else fp16 (unless set explicitly).
+pub fn compute_dtype(config: &TrainConfig, device: &Device) -> DType {
+    if device.is_cpu() {
+        return DType::F32;
+    }
+    match config.training.precision {
+        Precision::Auto if crate::device::supports_bf16(device) => DType::BF16,
+        Precision::Auto | Precision::Fp16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+        Precision::Fp32 => DType::F32,
+    }
+}
+
+/// Where text contexts come from during training.
+enum TextSource {
+    /// Embeddings of every caption, computed once (text encoder frozen, captions fixed); on the CPU.
+    Cached(HashMap<String, Tensor>),
+    /// The encoder stays on the device (captions vary from step to step).
+    Live(TextEncoder),
+}
+
+/// Dynamic loss scaling for fp16: scale up while gradients stay finite, halve on overflow.
+struct LossScale {
+    scale: f64,
+    good_steps: u32,
+    dynamic: bool,
+}
+
+impl LossScale {
+    fn new(dtype: DType) -> Self {
+        let dynamic = dtype == DType::F16;
+        LossScale {
+            scale: if dynamic { 65536.0 } else { 1.0 },
+            good_steps: 0,
+            dynamic,
+        }
+    }
+
+    /// Records a step's outcome; true when a skipped step was only the scale's fault (not a real failure).
+    fn update(&mut self, finite: bool) -> bool {
+        if !self.dynamic {
+            return false;
+        }
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= 2000 {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+            false
+        } else {
+            self.good_steps = 0;
+            self.scale /= 2.0;
+            self.scale >= 1.0
+        }
+    }
+}
+
+struct Trainer<'a> {
+    link: &'a Link,
+    config: TrainConfig,
+    device: Device,
+    dtype: DType,
+    files: ModelFiles,
+    tokenizer: ClipTokenizer,
+    data: Data,
+    out: OutputPaths,
+    unet: UNet,
+    trainable: Trainable,
+    opt: Optimizer,
+    /// Posterior (mean, logvar) of each (item, mirrored), on the CPU.
+    latents: HashMap<(usize, bool), (Tensor, Tensor)>,
+    text: TextSource,
+    /// (uncond, cond) context of each sample prompt, on the CPU.
+    sample_contexts: Vec<(Tensor, Tensor)>,
+    schedule: NoiseSchedule,
+    counters: Counters,
+    total_steps: u64,
+    started_at: SystemTime,
+    loss_scale: LossScale,
+    step_times: VecDeque<f64>,
+    /// Batches of the current epoch (recomputed when the epoch changes).
+    epoch_batches: (u64, Vec<Vec<super::data::Sample>>),
+}
+
+fn fail<'c>(doing: &str, config: &'c TrainConfig) -> impl Fn(candle_core::Error) -> Failure + 'c {
+    let doing = doing.to_owned();
+    move |e| Failure::from_error(&doing, e, config)
+}
+
+impl<'a> Trainer<'a> {
+    fn new(config: TrainConfig, options: &StartOptions, link: &'a Link) -> Result<Self, Failure> {
+        link.emit(Event::Phase {
+            phase: Phase::Loading,
+        });
+        config
+            .validate()
+            .map_err(|e| Failure::new(e.0, "Fix the setting named."))?;
+        let (device, warning) = crate::device::best();
+        if let Some(w) = warning {
+            link.emit(Event::Warning { message: w });
+        }
+        let dtype = compute_dtype(&config, &device);
+        if device.is_cpu() && matches!(config.training.precision, Precision::Bf16 | Precision::Fp16)
+        {
+            link.emit(Event::Warning {
+                message:
+                    "training on the CPU computes in fp32 (its matrix units have no fast bf16/fp16)"
+                        .into(),
+            });
+        }
+        let files = open_model(&config)?;
+        link.emit(Event::Log {
+            message: format!("model: {}", files.describe()),
+        });
+        let data = load_data(&config)?;
+        for w in &data.warnings {
+            link.emit(Event::Warning { message: w.clone() });
+        }
+        let out = OutputPaths::new(&config);
+        std::fs::create_dir_all(out.samples()).map_err(|e| {
+            Failure::new(
+                format!("Cannot create the output folder {}: {e}", out.dir.display()),
+                "Choose an output folder you can write to (`saving.output_dir`).",
+            )
+        })?;
+        let mut plan = make_plan(
+            &config,
+            &data,
+            &crate::device::describe(&device),
+            &format!("{dtype:?}").to_lowercase(),
+        );
+        let tokenizer =
+            crate::sample::pipeline::tokenizer_for(&config.model.checkpoint, files.family)
+                .map_err(|e| Failure::new(e, "The model folder's tokenizer files are damaged."))?;
+        crate::device::reset_peak(&device);
+        let unet_options = UNetOptions {
+            recompute: config.training.recompute,
+            attention_chunk: None,
+        };
+        let mut unet = UNet::load(
+            files.unet(),
+            &files.unet_config,
+            unet_options,
+            dtype,
+            &device,
+        )
+        .map_err(fail("loading the UNet", &config))?;
+        let trainable =
+            attach_adapters(&mut unet, &config).map_err(fail("adding the adapters", &config))?;
+        let mut opt = Optimizer::new(
+            config.optimizer.kind,
+            config.optimizer.params,
+            vec![Group {
+                vars: trainable.vars(),
+                lr: config.optimizer.lr,
+            }],
+        );
+        let counters = match &options.resume {
+            Some(dir) => resume(dir, &config, &trainable, &mut opt)?,
+            None => {
+                if let Some(init) = &config.network.init_from {
+                    init_from(init, &trainable).map_err(|e| {
+                        Failure::new(
+                            format!("Cannot start from {}: {e}", init.display()),
+                            "Choose a LoRA trained on this model family with the same rank, or clear \
+                             `network.init_from`.",
+                        )
+                    })?;
+                }
+                Counters {
+                    step: 0,
+                    epoch: 0,
+                    batch_in_epoch: 0,
+                }
+            }
+        };
+        plan.start_step = counters.step;
+        let total_steps = plan.total_steps;
+        link.emit(Event::Plan(plan));
+        Ok(Trainer {
+            link,
+            loss_scale: LossScale::new(dtype),
+            config,
+            device,
+            dtype,
+            files,
+            tokenizer,
+            data,
+            out,
+            unet,
+            trainable,
+            opt,
+            latents: HashMap::new(),
+            text: TextSource::Cached(HashMap::new()),
+            sample_contexts: Vec::new(),
+            schedule: NoiseSchedule::stable_diffusion(),
+            counters,
+            total_steps,
+            started_at: SystemTime::now(),
+            step_times: VecDeque::new(),
+            epoch_batches: (u64::MAX, Vec::new()),
+        })
+    }
+
+    fn emit(&self, event: Event) {
+        self.link.emit(event);
+    }
+
+    fn failure(&self, doing: &str, e: impl std::fmt::Display) -> Failure {
+        Failure::from_error(doing, e, &self.config)
+    }
+
+    /// The whole run after loading.
+    fn train(&mut self, options: &StartOptions) -> Result<(), Failure> {
+        self.cache_latents()?;
+        self.prepare_text()?;
+        self.emit(Event::Phase {
+            phase: Phase::Training,
+        });
+        let first = self.counters.step;
+        let stop_at = options.stop_after.map(|n| first + n);
+        let mut bad_steps = 0;
+        while self.counters.step < self.total_steps {
+            if self.handle_commands()? || stop_at.is_some_and(|s| self.counters.step >= s) {
+                return self.stop();
+            }
+            let started = Instant::now();
+            let (loss, finite) = self.step().map_err(|e| self.failure("training", e))?;
+            if !finite {
+                if self.loss_scale.update(false) {
+                    continue;
+                }
+                bad_steps += 1;
+                self.emit(Event::Warning {
+                    message: format!(
+                        "step {}: the loss or its gradient is not finite ({loss}); the step is skipped",
+                        self.counters.step + 1
+                    ),
+                });
+                if bad_steps >= MAX_BAD_STEPS {
+                    return Err(Failure::new(
+                        format!(
+                            "Training diverged: {MAX_BAD_STEPS} steps in a row gave a non-finite loss (NaN or \
+                             infinity) at step {}.",
+                            self.counters.step
+                        ),
+                        "Lower `optimizer.lr` (e.g. halve it), keep `optimizer.max_grad_norm` at 1, or use \
+                         `training.precision = \"bf16\"`/\"fp32\". The last saved LoRA and state are intact.",
+                    ));
+                }
+                continue;
+            }
+            self.loss_scale.update(true);
+            bad_steps = 0;
+            self.counters.step += 1;
+            self.record_time(started.elapsed().as_secs_f64());
+            self.emit(Event::Progress(self.stats(loss)));
+            self.after_step()?;
+        }
+        self.finish()
+    }
+
+    /// Saves and samples as configured after a step.
+    fn after_step(&mut self) -> Result<(), Failure> {
+        let step = self.counters.step;
+        let s = &self.config.saving;
+        if s.every_n_steps > 0 && step.is_multiple_of(s.every_n_steps) && step < self.total_steps {
+            self.save_point(false)?;
+        }
+        let every = self.config.sampling.every_n_steps;
+        if every > 0 && step.is_multiple_of(every) {
+            self.sample()?;
+        }
+        Ok(())
+    }
+
+    /// Honours waiting commands; true when the run must stop.
+    fn handle_commands(&mut self) -> Result<bool, Failure> {
+        while let Some(c) = self.link.try_command() {
+            match c {
+                Command::Stop => return Ok(true),
+                Command::SampleNow => self.sample()?,
+                Command::SaveNow => self.save_point(false)?,
+                Command::Resume => {}
+                Command::Pause => {
+                    self.emit(Event::Paused);
+                    loop {
+                        match self.link.wait_command() {
+                            Some(Command::Resume) => break,
+                            Some(Command::Stop) | None => return Ok(true),
+                            Some(Command::SampleNow) => self.sample()?,
+                            Some(Command::SaveNow) => self.save_point(false)?,
+                            Some(Command::Pause) => {}
+                        }
+                    }
+                    self.emit(Event::Resumed);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    fn record_time(&mut self, seconds: f64) {
+        self.step_times.push_back(seconds);
+        if self.step_times.len() > 20 {
+            self.step_times.pop_front();
+        }
+    }
+
+    fn stats(&self, loss: f64) -> StepStats {
+        let mean = self.step_times.iter().sum::<f64>() / self.step_times.len().max(1) as f64;
+        let it_per_s = if mean > 0.0 { 1.0 / mean } else { 0.0 };
+        let left = self.total_steps - self.counters.step;
+        let memory = crate::device::memory(&self.device);
+        StepStats {
+            step: self.counters.step,
+            total_steps: self.total_steps,
+            epoch: self.counters.epoch,
+            loss,
+            lr: self.config.optimizer.lr * self.lr_factor(self.counters.step - 1),
+            it_per_s,
+            eta_s: (it_per_s > 0.0).then(|| left as f64 / it_per_s),
+            memory_used: memory.map(|(free, total)| total - free),
+            memory_total: memory.map(|m| m.1),
+            memory_peak: crate::device::peak(&self.device),
+        }
+    }
+
+    fn lr_factor(&self, step: u64) -> f64 {
+        let o = &self.config.optimizer;
+        lr_factor(
+            o.schedule,
+            step,
+            self.total_steps,
+            o.warmup_steps,
+            o.restarts,
+        )
+    }
+
+    /// The next batch of the data order (moving to the next epoch when one ends).
+    fn next_batch(&mut self) -> Result<Vec<super::data::Sample>, Failure> {
+        loop {
+            if self.epoch_batches.0 != self.counters.epoch {
+                self.epoch_batches = (
+                    self.counters.epoch,
+                    self.data.plan.epoch(self.counters.epoch),
+                );
+            }
+            if let Some(b) = self.epoch_batches.1.get(self.counters.batch_in_epoch) {
+                self.counters.batch_in_epoch += 1;
+                return Ok(b.clone());
+            }
+            self.counters.epoch += 1;
+            self.counters.batch_in_epoch = 0;
+            let every = self.config.saving.every_n_epochs;
+            if every > 0
+                && self.counters.epoch.is_multiple_of(u64::from(every))
+                && self.counters.step > 0
+            {
+                self.save_point(false)?;
+            }
+        }
+    }
+
+    /// One optimizer step over `gradient_accumulation` batches: (mean loss, whether it was finite and applied).
+    fn step(&mut self) -> Result<(f64, bool), Failure> {
+        let k = self.config.optimizer.gradient_accumulation as usize;
+        let scale = self.loss_scale.scale;
+        let mut grads: Option<GradStore> = None;
+        let mut loss_sum = 0.0;
+        for micro in 0..k {
+            let batch = self.next_batch()?;
+            let mut rng = step_rng(self.config.training.seed, self.counters.step, micro);
+            let (loss, g) = self
+                .micro_step(&batch, &mut rng, scale / k as f64)
+                .map_err(|e| self.failure("training", e))?;
+            loss_sum += loss;
+            grads = Some(match grads {
+                None => g,
+                Some(acc) => self
+                    .add_grads(acc, g)
+                    .map_err(|e| self.failure("training", e))?,
+            });
+        }
+        let loss = loss_sum / k as f64;
+        let grads = grads.expect("at least one micro-batch");
+        if !loss.is_finite() {
+            return Ok((loss, false));
+        }
+        let factor = self.lr_factor(self.counters.step);
+        let norm = self
+            .opt
+            .step(&grads, factor, self.config.optimizer.max_grad_norm, scale)
+            .map_err(|e| self.failure("updating the adapters", e))?;
+        Ok((loss, norm.is_finite()))
+    }
+
+    fn add_grads(&self, mut acc: GradStore, more: GradStore) -> candle_core::Result<GradStore> {
+        for var in self.trainable.vars() {
+            if let Some(g) = more.get(&var) {
+                let sum = match acc.remove(&var) {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                };
+                acc.insert(&var, sum);
+            }
+        }
+        Ok(acc)
+    }
+
+    /// Forward and backward of one batch; returns the unscaled loss and the gradients of `loss · scale`.
+    fn micro_step(
+        &self,
+        batch: &[super::data::Sample],
+        rng: &mut ChaCha8Rng,
+        scale: f64,
+    ) -> candle_core::Result<(f64, GradStore)> {
+        let latents = self.batch_latents(batch, rng)?;
+        let captions: Vec<String> = batch
+            .iter()
+            .map(|s| {
+                let caption = &self.data.plan.items[s.item].caption;
+                vary_caption(caption, CaptionOptions::from(&self.config.dataset), rng)
+            })
+            .collect();
+        let context = self.contexts(&captions)?;
+        let timesteps: Vec<usize> = batch
+            .iter()
+            .map(|_| rng.random_range(0..self.schedule.alphas_cumprod.len()))
+            .collect();
+        let mut noise = randn(rng, latents.dims(), &self.device)?;
+        let offset = self.config.training.noise_offset;
+        if offset > 0.0 {
+            let (b, c, _, _) = latents.dims4()?;
+            let shift = randn(rng, &[b, c, 1, 1], &self.device)?.affine(offset, 0.0)?;
+            noise = noise.broadcast_add(&shift)?;
+        }
+        let options = LossOptions {
+            prediction: self.files.prediction,
+            min_snr_gamma: self.config.training.min_snr_gamma,
+        };
+        let loss = diffusion_loss(
+            &self.unet,
+            &self.schedule,
+            options,
+            &latents,
+            &context,
+            &timesteps,
+            &noise,
+        )?;
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        let grads = self.unet.backward(&loss.affine(scale, 0.0)?)?;
+        Ok((value, grads))
+    }
+
+    /// Latents of a batch drawn from the cached posteriors, scaled for the UNet, on the device.
+    fn batch_latents(
+        &self,
+        batch: &[super::data::Sample],
+        rng: &mut ChaCha8Rng,
+    ) -> candle_core::Result<Tensor> {
+        let mut rows = Vec::with_capacity(batch.len());
+        for s in batch {
+            let (mean, logvar) = &self.latents[&(s.item, s.flip)];
+            let eps = randn(rng, mean.dims(), &Device::Cpu)?;
+            let z = (mean + (logvar * 0.5)?.exp()?.mul(&eps)?)?;
+            rows.push(z);
+        }
+        let z = Tensor::stack(&rows, 0)?.affine(self.files.vae_config.scaling_factor, 0.0)?;
+        z.to_device(&self.device)
+    }
+
+    /// Text contexts `[B, n·77, C]` for `captions`, in the compute dtype on the device.
+    fn contexts(&self, captions: &[String]) -> candle_core::Result<Tensor> {
+        let clip_skip = self.config.model.clip_skip.max(1) as usize;
+        match &self.text {
+            TextSource::Live(encoder) => {
+                let texts: Vec<&str> = captions.iter().map(String::as_str).collect();
+                let (ids, _) = self.tokenizer.tokenize_batch(
+                    &texts,
+                    crate::sample::pipeline::MAX_CHUNKS,
+                    &self.device,
+                )?;
+                Ok(encoder.forward(&ids)?.context(clip_skip)?.detach())
+            }
+            TextSource::Cached(map) => {
+                let rows: Vec<&Tensor> = captions.iter().map(|c| &map[c]).collect();
+                let longest = rows
+                    .iter()
+                    .map(|t| t.dim(1))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let longest = longest.into_iter().max().unwrap_or(0);
+                // Shorter prompts get empty windows, as the tokenizer pads a batch.
+                let empty = &map[""];
+                let padded = rows
+                    .into_iter()
+                    .map(|t| {
+                        let mut parts = vec![t.clone()];
+                        while parts.iter().map(|p| p.dim(1).unwrap_or(0)).sum::<usize>() < longest {
+                            parts.push(empty.clone());
+                        }
+                        Tensor::cat(&parts, 1)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&padded, 0)?.to_device(&self.device)
+            }
+        }
+    }
+
+    /// Encodes every (image, mirrored) posterior once, reading what the on-disk cache has; the VAE leaves the
+    /// device afterwards.
+    fn cache_latents(&mut self) -> Result<(), Failure> {
+        self.emit(Event::Phase {
+            phase: Phase::CachingLatents,
+        });
+        let vae = Vae::new(
+            self.files.vae(),
+            &self.files.vae_config,
+            DType::F32,
+            &self.device,
+        )
+        .map_err(|e| self.failure("loading the VAE", e))?;
+        let id = vae_id(self.files.vae()).map_err(|e| self.failure("loading the VAE", e))?;
+        let cache = LatentCache::new(super::cache::default_dir(&self.config.dataset.folder), id);
+        let flips: &[bool] = if self.config.dataset.flip {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        let total = self.data.plan.items.len() * flips.len();
+        let (mut done, mut encoded) = (0, 0);
+        let mut unreadable = Vec::new();
+        for i in 0..self.data.plan.items.len() {
+            let item = self.data.plan.items[i].clone();
+            let hash = match std::fs::read(&item.path) {
+                Ok(bytes) => blake3::hash(&bytes).to_hex().to_string(),
+                Err(e) => {
+                    unreadable.push((i, e.to_string()));
+                    continue;
+                }
+            };
+            for &flip in flips {
+                let key = cache.key(&hash, item.bucket, flip);
+                let posterior = match cache.get(&key, &Device::Cpu) {
+                    Some(p) => p,
+                    None => match self.encode(&vae, &item, flip) {
+                        Ok((mean, logvar)) => {
+                            if let Err(e) = cache.put(&key, &mean, &logvar) {
+                                self.emit(Event::Warning {
+                                    message: format!("the latent cache cannot be written ({e}); encoding again next run"),
+                                });
+                            }
+                            encoded += 1;
+                            (mean, logvar)
+                        }
+                        Err(e) if e.to_string().to_lowercase().contains("out of memory") => {
+                            return Err(self.failure("encoding the images", e));
+                        }
+                        Err(e) => {
+                            unreadable.push((i, e.to_string()));
+                            break;
+                        }
+                    },
+                };
+                let squeeze = |t: Tensor| t.squeeze(0);
+                let (m, l) = posterior;
+                let pair = squeeze(m).and_then(|m| Ok((m, squeeze(l)?)));
+                self.latents.insert(
+                    (i, flip),
+                    pair.map_err(|e| self.failure("reading the latent cache", e))?,
+                );
+                done += 1;
+                self.emit(Event::PhaseProgress {
+                    phase: Phase::CachingLatents,
+                    done,
+                    total,
+                });
+            }
+        }
+        drop(vae);
+        self.emit(Event::Log {
+            message: format!(
+                "latents: {encoded} encoded, {} from the cache",
+                done - encoded
+            ),
+        });
+        self.drop_unreadable(unreadable)
+    }
+
+    fn encode(
+        &self,
+        vae: &Vae,
+        item: &super::data::Item,
+        flip: bool,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let pixels = load_for_bucket(item, flip, &self.device)?.unsqueeze(0)?;
+        let p = vae.encode(&pixels)?;
+        Ok((
+            p.mean.to_device(&Device::Cpu)?,
+            p.logvar.to_device(&Device::Cpu)?,
+        ))
+    }
+
+    /// Leaves out images that failed to decode during caching (they passed the header check).
+    fn drop_unreadable(&mut self, unreadable: Vec<(usize, String)>) -> Result<(), Failure> {
+        if unreadable.is_empty() {
+            return Ok(());
+        }
+        for (i, why) in &unreadable {
+            self.emit(Event::Warning {
+                message: format!(
+                    "{} is left out: {why}",
+                    self.data.plan.items[*i].path.display()
+                ),
+            });
+        }
+        let bad: Vec<usize> = unreadable.iter().map(|u| u.0).collect();
+        let mut keep_index = HashMap::new();
+        let items = std::mem::take(&mut self.data.plan.items);
+        for (i, item) in items.into_iter().enumerate() {
+            if !bad.contains(&i) {
+                keep_index.insert(i, self.data.plan.items.len());
+                self.data.plan.items.push(item);
+            }
+        }
+        if self.data.plan.items.is_empty() {
+            return Err(Failure::new(
+                "Every image of the dataset failed to decode.",
+                "Check the files in the Dataset workspace (Problems filter) and replace the broken ones.",
+            ));
+        }
+        self.latents = std::mem::take(&mut self.latents)
+            .into_iter()
+            .filter_map(|((i, f), v)| Some(((*keep_index.get(&i)?, f), v)))
+            .collect();
+        self.epoch_batches = (u64::MAX, Vec::new());
+        Ok(())
+    }
+
+    /// Encodes the sample prompts, and every caption when the text encoder is frozen and captions are fixed;
+    /// otherwise keeps the encoder on the device for per-step encoding.
+    fn prepare_text(&mut self) -> Result<(), Failure> {
+        let encoder = TextEncoder::new(
+            self.files.text_encoder(),
+            &self.files.text_encoder_config,
+            self.dtype,
+            &self.device,
+        )
+        .map_err(|e| self.failure("loading the text encoder", e))?;
+        let clip_skip = self.config.model.clip_skip.max(1) as usize;
+        let encode = |texts: &[&str]| -> candle_core::Result<Tensor> {
+            let (ids, _) = self.tokenizer.tokenize_batch(
+                texts,
+                crate::sample::pipeline::MAX_CHUNKS,
+                &self.device,
+            )?;
+            encoder
+                .forward(&ids)?
+                .context(clip_skip)?
+                .to_device(&Device::Cpu)
+        };
+        let mut contexts = Vec::new();
+        for p in &self.config.sampling.prompts {
+            let both = encode(&[&p.negative, &p.prompt])
+                .map_err(|e| self.failure("encoding the sample prompts", e))?;
+            let pair = (both.narrow(0, 0, 1), both.narrow(0, 1, 1));
+            contexts.push((
+                pair.0.map_err(|e| self.failure("", e))?,
+                pair.1.map_err(|e| self.failure("", e))?,
+            ));
+        }
+        self.sample_contexts = contexts;
+        let d = &self.config.dataset;
+        let fixed_captions = !d.shuffle_caption && d.tag_dropout <= 0.0;
+        if !fixed_captions {
+            self.text = TextSource::Live(encoder);
+            return Ok(());
+        }
+        self.emit(Event::Phase {
+            phase: Phase::CachingText,
+        });
+        let mut unique: Vec<&str> = self
+            .data
+            .plan
+            .items
+            .iter()
+            .map(|i| i.caption.as_str())
+            .collect();
+        unique.push("");
+        unique.sort_unstable();
+        unique.dedup();
+        let mut map = HashMap::new();
+        for (n, caption) in unique.iter().enumerate() {
+            let t = encode(&[caption]).map_err(|e| self.failure("encoding the captions", e))?;
+            map.insert((*caption).to_owned(), t);
+            self.emit(Event::PhaseProgress {
+                phase: Phase::CachingText,
+                done: n + 1,
+                total: unique.len(),
+            });
+        }
+        drop(encoder);
+        self.text = TextSource::Cached(map);
+        Ok(())
+    }
+
+    /// Generates every sample prompt with the current adapter and writes the images.
+    fn sample(&mut self) -> Result<(), Failure> {
+        let prompts = self.config.sampling.prompts.clone();
+        if prompts.is_empty() {
+            return Ok(());
+        }
+        self.emit(Event::Phase {
+            phase: Phase::Sampling,
+        });
+        let before = crate::device::memory(&self.device);
+        let vae = Vae::new(
+            self.files.vae(),
+            &self.files.vae_config,
+            DType::F32,
+            &self.device,
+        )
+        .map_err(|e| self.failure("loading the VAE for samples", e))?;
+        let f = self.files.vae_config.downsample_factor();
+        for (i, p) in prompts.iter().enumerate() {
+            let image = self
+                .sample_one(&vae, i, p, f)
+                .map_err(|e| self.failure("making a sample", e))?;
+            let path = self.out.sample(self.counters.step, i);
+            write_png(&path, &image).map_err(|e| self.failure("saving a sample", e))?;
+            self.emit(Event::Sample {
+                step: self.counters.step,
+                prompt_index: i,
+                prompt: p.prompt.clone(),
+                path,
+                image: std::sync::Arc::new(image),
+            });
+            self.emit(Event::PhaseProgress {
+                phase: Phase::Sampling,
+                done: i + 1,
+                total: prompts.len(),
+            });
+        }
+        drop(vae);
+        if let (Some(b), Some(a)) = (before, crate::device::memory(&self.device)) {
+            let mib = |m: (u64, u64)| (m.1 - m.0) / (1 << 20);
+            self.emit(Event::Log {
+                message: format!(
+                    "samples: device memory in use {} MiB before, {} MiB after",
+                    mib(b),
+                    mib(a)
+                ),
+            });
+        }
+        self.emit(Event::Phase {
+            phase: Phase::Training,
+        });
+        Ok(())
+    }
+
+    fn sample_one(
+        &self,
+        vae: &Vae,
+        index: usize,
+        p: &super::config::SamplePrompt,
+        f: usize,
+    ) -> candle_core::Result<image::RgbImage> {
+        let shape = (
+            1,
+            self.files.unet_config.in_channels,
+            p.height as usize / f,
+            p.width as usize / f,
+        );
+        let noise = initial_noise(p.seed, shape, &self.device)?;
+        let (uncond, cond) = &self.sample_contexts[index];
+        let config = SampleConfig {
+            sampler: Sampler::Euler,
+            steps: p.steps as usize,
+            cfg: p.cfg,
+            prediction: self.files.prediction,
+            seed: p.seed,
+        };
+        let unet = &self.unet;
+        let latents = crate::sample::sample(
+            &self.schedule,
+            &config,
+            &noise,
+            &cond.to_device(&self.device)?,
+            &uncond.to_device(&self.device)?,
+            // Detached: a preview keeps no graph through the adapters.
+            |x, t, c| Ok(unet.forward(x, t, c)?.detach()),
+            |_, _| {},
+        )?;
+        let pixels = vae.decode(&vae.unscale(&latents.to_dtype(DType::F32)?)?)?;
+        Ok(tensor_to_images(&pixels)?.remove(0))
+    }
+
+    /// Writes the LoRA (`final_file`: NAME.safetensors, else NAME-step{N}.safetensors) and the training state.
+    fn save_point(&mut self, final_file: bool) -> Result<(), Failure> {
+        self.emit(Event::Phase {
+            phase: Phase::Saving,
+        });
+        let step = self.counters.step;
+        let path = if final_file {
+            self.out.final_lora()
+        } else {
+            self.out.step_lora(step)
+        };
+        let set = self
+            .trainable
+            .to_set("unet")
+            .map_err(|e| self.failure("saving the LoRA", e))?;
+        let dtype = match self.config.saving.dtype.as_str() {
+            "fp32" => DType::F32,
+            "bf16" => DType::BF16,
+            _ => DType::F16,
+        };
+        crate::lora::save_kohya(&set, &path, &self.metadata(), dtype)
+            .map_err(|e| self.failure("saving the LoRA", e))?;
+        self.emit(Event::Saved {
+            step,
+            path,
+            final_file,
+        });
+        let state_dir = self.out.state();
+        state::save(
+            &state_dir,
+            &self.counters,
+            &self.config,
+            &self.trainable,
+            &self.opt,
+        )
+        .map_err(|e| self.failure("saving the training state", e))?;
+        self.emit(Event::StateSaved {
+            step,
+            path: state_dir,
+        });
+        self.prune_step_files();
+        if !final_file {
+            self.emit(Event::Phase {
+                phase: Phase::Training,
+            });
+        }
+        Ok(())
+    }
+
+    /// Keeps only the newest `keep_last` intermediate LoRA files.
+    fn prune_step_files(&self) {
+        let keep = self.config.saving.keep_last as usize;
+        if keep == 0 {
+            return;
+        }
+        let files = self.out.step_loras();
+        for (_, path) in files.iter().take(files.len().saturating_sub(keep)) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    fn metadata(&self) -> LoraMetadata {
+        let c = &self.config;
+        let base_model = match (self.files.family, self.files.prediction) {
+            (Family::Sd1, _) => BaseModel::Sd1,
+            (Family::Sd2, Prediction::V) => BaseModel::Sd2V,
+            (Family::Sd2, Prediction::Epsilon) => BaseModel::Sd2,
+        };
+        let with_conv = c.network.targets == super::config::Targets::All;
+        let name = |p: &std::path::Path| {
+            p.file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        };
+        let mut extra = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            extra.insert(k.to_owned(), v);
+        };
+        put("ss_sd_model_name", name(&c.model.checkpoint));
+        if let Some(vae) = &c.model.vae {
+            put("ss_vae_name", name(vae));
+        }
+        put("ss_seed", c.training.seed.to_string());
+        put("ss_optimizer", format!("{:?}", c.optimizer.kind));
+        put(
+            "ss_lr_scheduler",
+            serde_json::to_value(c.optimizer.schedule).map_or_else(
+                |_| String::new(),
+                |v| v.as_str().unwrap_or_default().to_owned(),
+            ),
+        );
+        put("ss_lr_warmup_steps", c.optimizer.warmup_steps.to_string());
+        put("ss_max_train_steps", self.total_steps.to_string());
+        put(
+            "ss_batch_size_per_device",
+            c.training.batch_size.to_string(),
+        );
+        put(
+            "ss_gradient_accumulation_steps",
+            c.optimizer.gradient_accumulation.to_string(),
+        );
+        put("ss_max_grad_norm", c.optimizer.max_grad_norm.to_string());
+        put(
+            "ss_mixed_precision",
+            format!("{:?}", self.dtype).to_lowercase(),
+        );
+        put("ss_gradient_checkpointing", py_bool(c.training.recompute));
+        put("ss_clip_skip", c.model.clip_skip.max(1).to_string());
+        put("ss_noise_offset", c.training.noise_offset.to_string());
+        put("ss_min_snr_gamma", c.training.min_snr_gamma.to_string());
+        put("ss_shuffle_caption", py_bool(c.dataset.shuffle_caption));
+        put("ss_keep_tokens", c.dataset.keep_tokens.to_string());
+        put(
+            "ss_caption_dropout_rate",
+            c.dataset.caption_dropout.to_string(),
+        );
+        put(
+            "ss_caption_tag_dropout_rate",
+            c.dataset.tag_dropout.to_string(),
+        );
+        put("ss_flip_aug", py_bool(c.dataset.flip));
+        put("ss_enable_bucket", py_bool(c.dataset.bucketing));
+        put("ss_min_bucket_reso", c.dataset.min_bucket_side.to_string());
+        put("ss_max_bucket_reso", c.dataset.max_bucket_side.to_string());
+        put("ss_bucket_no_upscale", "False".into());
+        put("ss_network_dropout", c.network.dropout.to_string());
+        put(
+            "ss_text_encoder_lr",
+            c.optimizer.lr_text_encoder.to_string(),
+        );
+        put("ss_unet_lr", c.optimizer.lr.to_string());
+        put(
+            "ss_num_batches_per_epoch",
+            self.data.plan.steps_per_epoch().to_string(),
+        );
+        if c.dataset.keep_tokens > 0
+            && let Some(trigger) = self
+                .data
+                .plan
+                .items
+                .first()
+                .and_then(|i| crate::dataset::caption::split_tags(&i.caption).next())
+        {
+            put("modelspec.trigger_phrase", trigger.to_owned());
+        }
+        LoraMetadata {
+            base_model,
+            network_dim: c.network.rank as usize,
+            network_alpha: c.network.alpha as f32,
+            conv: with_conv.then_some(ConvLora {
+                dim: c.network.conv_rank as usize,
+                alpha: c.network.conv_alpha as f32,
+            }),
+            output_name: c.saving.output_name.clone(),
+            training_started_at: self.started_at,
+            saved_at: SystemTime::now(),
+            steps: self.counters.step,
+            epoch: self.counters.epoch,
+            learning_rate: c.optimizer.lr,
+            resolution: (c.dataset.resolution, c.dataset.resolution),
+            num_train_images: self
+                .data
+                .plan
+                .items
+                .iter()
+                .map(|i| i.repeats as usize)
+                .sum(),
+            dataset_dirs: super::plan::dataset_dirs(&self.data),
+            tag_frequency: super::plan::tag_frequency(&self.data),
+            extra,
+        }
+    }
+
+    /// Stop on request: save the LoRA at this step and the state, so `--resume` continues.
+    fn stop(&mut self) -> Result<(), Failure> {
+        self.save_point(false)?;
+        self.emit(Event::Phase {
+            phase: Phase::Finished,
+        });
+        self.emit(Event::Finished {
+            step: self.counters.step,
+            stopped: true,
+            lora: Some(self.out.step_lora(self.counters.step)),
+            state: Some(self.out.state()),
+        });
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), Failure> {
+        let every = self.config.sampling.every_n_steps;
+        if every > 0 && !self.counters.step.is_multiple_of(every) {
+            self.sample()?;
+        }
+        self.save_point(true)?;
+        self.emit(Event::Phase {
+            phase: Phase::Finished,
+        });
+        self.emit(Event::Finished {
+            step: self.counters.step,
+            stopped: false,
+            lora: Some(self.out.final_lora()),
+            state: Some(self.out.state()),
+        });
+        Ok(())
+    }
+}
+
+fn py_bool(b: bool) -> String {
+    if b { "True" } else { "False" }.into()
+}
+
+/// The adapters the config asks for on the UNet, initialised from the seed.
+fn attach_adapters(unet: &mut UNet, config: &TrainConfig) -> candle_core::Result<Trainable> {
+    let n = &config.network;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.training.seed);
+    Trainable::attach(
+        unet.layers_mut()?,
+        |l| unet_slot(l, n.targets),
+        (n.rank as usize, n.alpha),
+        (n.conv_rank as usize, n.conv_alpha),
+        &mut rng,
+    )
+}
+
+/// Restores a state folder into the adapters and optimizer, after checking it is from the same network.
+fn resume(
+    dir: &std::path::Path,
+    config: &TrainConfig,
+    trainable: &Trainable,
+    opt: &mut Optimizer,
+) -> Result<Counters, Failure> {
+    let hint = "Resume with the same network settings (rank, alpha, targets) the run started with, or start a new \
+                run.";
+    let (counters, saved) = state::load(dir, trainable, opt)
+        .map_err(|e| Failure::new(format!("Cannot resume from {}: {e}", dir.display()), hint))?;
+    let (a, b) = (&saved.network, &config.network);
+    if (a.rank, a.targets, a.conv_rank) != (b.rank, b.targets, b.conv_rank) || a.alpha != b.alpha {
+        return Err(Failure::new(
+            format!(
+                "The state in {} was trained with rank {} / alpha {} / targets {:?}, not rank {} / alpha {} / {:?}.",
+                dir.display(),
+                a.rank,
+                a.alpha,
+                a.targets,
+                b.rank,
+                b.alpha,
+                b.targets
+            ),
+            hint,
+        ));
+    }
+    Ok(counters)
+}
+
+/// Sets the adapters from an existing LoRA file (same rank; a different alpha is folded into `up`).
+fn init_from(path: &std::path::Path, trainable: &Trainable) -> Result<(), String> {
+    let known = trainable
+        .adapters
+        .iter()
+        .map(|(p, _)| format!("unet.{p}"))
+        .collect();
+    let (set, _) = crate::lora::load(path, &known).map_err(|e| e.to_string())?;
+    let mut matched = 0;
+    for (p, a) in &trainable.adapters {
+        let Some(m) = set.modules.get(&format!("unet.{p}")) else {
+            continue;
+        };
+        if m.rank() != a.rank() {
+            return Err(format!(
+                "its rank is {} but `network.rank` is {}",
+                m.rank(),
+                a.rank()
+            ));
+        }
+        let to = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(a.down.device());
+        let fold = f64::from(m.alpha) / a.alpha;
+        a.down
+            .set(&to(&m.down).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let up = to(&m.up)
+            .and_then(|u| u.affine(fold, 0.0))
+            .map_err(|e| e.to_string())?;
+        a.up.set(&up).map_err(|e| e.to_string())?;
+        matched += 1;
+    }
+    if matched == 0 {
+        return Err("none of its modules matches the adapters of this run (another model family or targets)".into());
+    }
+    Ok(())
+}
+
+/// The random stream of one micro-batch of one step: timesteps, noise, latent samples and caption variations.
+fn step_rng(seed: u64, step: u64, micro: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(step.wrapping_mul(1024).wrapping_add(micro as u64 + 1));
+    rng
+}
+
+fn randn(rng: &mut ChaCha8Rng, dims: &[usize], device: &Device) -> candle_core::Result<Tensor> {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Tensor::from_vec(v, dims, device)
+}
+
+fn write_png(path: &std::path::Path, image: &image::RgbImage) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .map_err(std::io::Error::other)?;
+    crate::fsutil::write_atomic(path, &bytes)
+}
