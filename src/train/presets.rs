@@ -49,7 +49,8 @@ impl Preset {
             },
         };
         let layer = toml::to_string(&table).expect("a TOML table serializes");
-        TrainConfig::build(&[(&format!("preset {name}"), &layer)], &[])?;
+        TrainConfig::build(&[(&format!("preset {name}"), &layer)], &[])
+            .map_err(|e| ConfigError(format!("preset {name}: {}", e.0)))?;
         Ok(Preset {
             name: name.to_owned(),
             info,
