@@ -127,6 +127,8 @@ struct Trainer<'a> {
     started_at: SystemTime,
     loss_scale: LossScale,
     step_times: VecDeque<f64>,
+    /// Set once the run is ending on a stop request (no phase change back to training after the save).
+    stopping: bool,
     /// Batches of the current epoch (recomputed when the epoch changes).
     epoch_batches: (u64, Vec<Vec<super::data::Sample>>),
 }
@@ -247,6 +249,7 @@ impl<'a> Trainer<'a> {
             total_steps,
             started_at: SystemTime::now(),
             step_times: VecDeque::new(),
+            stopping: false,
             epoch_batches: (u64::MAX, Vec::new()),
         })
     }
@@ -763,17 +766,23 @@ impl<'a> Trainer<'a> {
             phase: Phase::Sampling,
         });
         let before = crate::device::memory(&self.device);
+        // bf16 halves the decoder's memory (the SD VAE overflows in fp16, not in bf16); fp32 elsewhere.
+        let vae_dtype = if self.dtype == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         let vae = Vae::new(
             self.files.vae(),
             &self.files.vae_config,
-            DType::F32,
+            vae_dtype,
             &self.device,
         )
         .map_err(|e| self.failure("loading the VAE for samples", e))?;
         let f = self.files.vae_config.downsample_factor();
         for (i, p) in prompts.iter().enumerate() {
             let image = self
-                .sample_one(&vae, i, p, f)
+                .sample_one(&vae, vae_dtype, i, p, f)
                 .map_err(|e| self.failure("making a sample", e))?;
             let path = self.out.sample(self.counters.step, i);
             write_png(&path, &image).map_err(|e| self.failure("saving a sample", e))?;
@@ -810,6 +819,7 @@ impl<'a> Trainer<'a> {
     fn sample_one(
         &self,
         vae: &Vae,
+        vae_dtype: DType,
         index: usize,
         p: &super::config::SamplePrompt,
         f: usize,
@@ -840,7 +850,9 @@ impl<'a> Trainer<'a> {
             |x, t, c| Ok(unet.forward(x, t, c)?.detach()),
             |_, _| {},
         )?;
-        let pixels = vae.decode(&vae.unscale(&latents.to_dtype(DType::F32)?)?)?;
+        let pixels = vae
+            .decode(&vae.unscale(&latents.to_dtype(vae_dtype)?)?)?
+            .to_dtype(DType::F32)?;
         Ok(tensor_to_images(&pixels)?.remove(0))
     }
 
@@ -885,7 +897,7 @@ impl<'a> Trainer<'a> {
             path: state_dir,
         });
         self.prune_step_files();
-        if !final_file {
+        if !final_file && !self.stopping {
             self.emit(Event::Phase {
                 phase: Phase::Training,
             });
@@ -1018,6 +1030,7 @@ impl<'a> Trainer<'a> {
 
     /// Stop on request: save the LoRA at this step and the state, so `--resume` continues.
     fn stop(&mut self) -> Result<(), Failure> {
+        self.stopping = true;
         self.save_point(false)?;
         self.emit(Event::Phase {
             phase: Phase::Finished,

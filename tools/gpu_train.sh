@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), from the repository root: the preset proofs of issue "On the GPU". A random-
+# weight full-size SD 1.5 (tools/make_random_sd15.py) is trained with `lora-studio train` on the generated dataset
+# .bench/ds (24 images, 3 aspect ratios) for 200 steps with latent caching and samples every 50 steps, once per
+# preset, while ballast.py holds all but the preset's card size of the GPU. Needs dist/lora-studio.xz and .bench/
+# (ballast.py, the diffusers wheel, ds/). Results go to $OUT.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+BIN=/tmp/lora-studio
+xz -dc dist/lora-studio.xz > "$BIN" && chmod +x "$BIN"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+export CUDA_CACHE_PATH=/tmp/jit; mkdir -p /tmp/jit
+[ -f dist/jitcache.tar.gz ] && tar -C /tmp/jit -xzf dist/jitcache.tar.gz
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .bench/whl/*.whl > /dev/null 2>&1
+SECONDS=0
+PYTHONPATH=/tmp/site python3 tools/make_random_sd15.py /tmp/sd15 > "$OUT/make_model.log" 2>&1
+echo "model made in ${SECONDS}s" >> "$OUT/make_model.log"
+prove() { # preset leave_gib
+  local preset=$1 leave=$2
+  SECONDS=0
+  timeout 280 python3 .bench/ballast.py --leave-gib "$leave" -- "$BIN" train --json --preset "$preset" \
+    --model /tmp/sd15 --dataset .bench/ds --output "/tmp/run-$preset" --name "$preset" --steps 200 \
+    --sample-every 50 --save-every 100 --sample-prompt "zkcircles, colorful circles" \
+    > "$OUT/train-$preset.jsonl" 2> "$OUT/train-$preset.log"
+  echo "exit $? after ${SECONDS}s" >> "$OUT/train-$preset.log"
+  ls -la "/tmp/run-$preset" "/tmp/run-$preset/samples" >> "$OUT/train-$preset.log" 2>&1
+  cp "/tmp/run-$preset/samples/"*step000200* "$OUT/" 2>/dev/null
+}
+prove sd15-6gb 5.5
+prove sd15-8gb 7.5
+tar -C /tmp/jit -czf "$OUT/jitcache.tar.gz" .
