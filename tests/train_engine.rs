@@ -97,6 +97,7 @@ fn a_run_saves_samples_and_changes_every_adapter_parameter() {
         "sampling.every_n_steps=4",
         "saving.every_n_steps=4",
         "saving.keep_last=1",
+        "training.train_text_encoder=true",
     ];
     // Stopped before the first step: the LoRA as initialised.
     let init_out = dir.path().join("init");
@@ -149,7 +150,11 @@ fn a_run_saves_samples_and_changes_every_adapter_parameter() {
             "{name} did not change in training"
         );
     }
-    assert!(adapters > 20, "{adapters} adapter tensors");
+    let te = trained.keys().filter(|k| k.starts_with("lora_te_")).count();
+    assert!(
+        adapters > 20 && te > 0,
+        "{adapters} adapter tensors, {te} of the text encoder"
+    );
     // keep_last = 1: the step-4 file gave way to nothing newer than it before the end, so it stays alone.
     let step_files: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
@@ -260,7 +265,9 @@ fn the_loss_falls_when_overfitting_one_image() {
     let data = dir.path().join("data");
     dataset(&data, 1);
     let out = dir.path().join("out");
+    // Tag shuffling keeps the text encoder on the device (frozen) and encodes every step.
     let extra = [
+        "dataset.shuffle_caption=true",
         "training.batch_size=1",
         "optimizer.lr=5e-3",
         "dataset.caption_dropout=0.0",
@@ -277,7 +284,7 @@ fn resume_gives_the_same_adapter_as_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     dataset(&data, 5);
-    // Varied captions (the text encoder stays live), mirroring, accumulation and a schedule: all must resume.
+    // Varied captions through a trained text encoder, mirroring, accumulation and a schedule: all must resume.
     let extra = [
         "dataset.shuffle_caption=true",
         "dataset.flip=true",
@@ -285,6 +292,7 @@ fn resume_gives_the_same_adapter_as_an_uninterrupted_run() {
         "optimizer.schedule=\"cosine\"",
         "optimizer.warmup_steps=2",
         "training.noise_offset=0.05",
+        "training.train_text_encoder=true",
     ];
     let whole = dir.path().join("whole");
     assert_eq!(

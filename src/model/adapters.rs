@@ -132,8 +132,42 @@ impl Trainable {
             .collect()
     }
 
+    /// The same adapters with `component.` in front of their paths (`unet.…`, `text_encoder.…`), so the adapters
+    /// of several networks can live in one set.
+    pub fn under(self, component: &str) -> Trainable {
+        Trainable {
+            adapters: self
+                .adapters
+                .into_iter()
+                .map(|(p, a)| (format!("{component}.{p}"), a))
+                .collect(),
+        }
+    }
+
+    /// The adapters whose path starts with `component.`.
+    pub fn vars_of(&self, component: &str) -> Vec<Var> {
+        let prefix = format!("{component}.");
+        self.adapters
+            .iter()
+            .filter(|(p, _)| p.starts_with(&prefix))
+            .flat_map(|(_, a)| [a.down.clone(), a.up.clone()])
+            .collect()
+    }
+
     /// The adapters' current values as a LoRA set under `component`, for saving.
     pub fn to_set(&self, component: &str) -> std::result::Result<LoraSet, crate::lora::LoraError> {
+        self.clone_paths(|p| format!("{component}.{p}"))
+    }
+
+    /// The adapters' current values as a LoRA set, their paths being full module paths already (see `under`).
+    pub fn to_lora_set(&self) -> std::result::Result<LoraSet, crate::lora::LoraError> {
+        self.clone_paths(str::to_owned)
+    }
+
+    fn clone_paths(
+        &self,
+        name: impl Fn(&str) -> String,
+    ) -> std::result::Result<LoraSet, crate::lora::LoraError> {
         let mut set = LoraSet {
             modules: Default::default(),
             metadata: Default::default(),
@@ -144,7 +178,7 @@ impl Trainable {
                 a.up.as_tensor().copy()?,
                 a.alpha as f32,
             )?;
-            set.modules.insert(format!("{component}.{path}"), m);
+            set.modules.insert(name(path), m);
         }
         Ok(set)
     }

@@ -4,10 +4,11 @@
 //! Our own rather than candle-transformers' CLIP: its SD config cannot describe other sizes (private fields)
 //! and its `Gelu` is the tanh approximation, where SD 2.x's encoder uses the exact (erf) GELU.
 
+use super::layers::{Adaptable, LayerNorm, Loader};
 use crate::model::checkpoint::{Family, var_builder};
 use crate::model::weights::Weights;
 use candle_core::{D, DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::Embedding;
 use serde::{Deserialize, Serialize};
 
 /// The fields of transformers' `CLIPTextConfig` (`text_encoder/config.json`) that the network needs. Its
@@ -114,6 +115,11 @@ impl TextEncoder {
         device: &Device,
     ) -> Result<Self> {
         let vb = var_builder(w, dtype, device).pp("text_model");
+        let l = Loader {
+            weights: w,
+            dtype,
+            device: device.clone(),
+        };
         let c = config;
         let embeddings = vb.pp("embeddings");
         Ok(TextEncoder {
@@ -127,15 +133,23 @@ impl TextEncoder {
                 "position_embedding.weight",
             )?,
             layers: (0..c.num_hidden_layers)
-                .map(|i| EncoderLayer::new(vb.pp(format!("encoder.layers.{i}")), c))
+                .map(|i| EncoderLayer::new(&l, &format!("text_model.encoder.layers.{i}"), c))
                 .collect::<Result<_>>()?,
-            final_layer_norm: candle_nn::layer_norm(
+            final_layer_norm: l.layer_norm(
+                "text_model.final_layer_norm",
                 c.hidden_size,
                 c.layer_norm_eps,
-                vb.pp("final_layer_norm"),
             )?,
             window: c.max_position_embeddings,
         })
+    }
+
+    /// Every adaptable layer (attention projections and MLP of each encoder layer), for attaching adapters.
+    pub fn layers_mut(&mut self) -> Vec<&mut Adaptable> {
+        self.layers
+            .iter_mut()
+            .flat_map(EncoderLayer::layers_mut)
+            .collect()
     }
 
     /// Token ids `[B, n·77]` (u32 or i64). Each chunk of 77 is encoded on its own and the results are
@@ -214,29 +228,34 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     attention: Attention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Adaptable,
+    fc2: Adaptable,
     activation: Activation,
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
+    fn new(l: &Loader, path: &str, c: &ClipTextConfig) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
         Ok(EncoderLayer {
-            layer_norm1: candle_nn::layer_norm(
-                c.hidden_size,
-                c.layer_norm_eps,
-                vb.pp("layer_norm1"),
-            )?,
-            attention: Attention::new(vb.pp("self_attn"), c)?,
-            layer_norm2: candle_nn::layer_norm(
-                c.hidden_size,
-                c.layer_norm_eps,
-                vb.pp("layer_norm2"),
-            )?,
-            fc1: candle_nn::linear(c.hidden_size, c.intermediate_size, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, c.hidden_size, vb.pp("mlp.fc2"))?,
+            layer_norm1: l.layer_norm(&format!("{path}.layer_norm1"), h, c.layer_norm_eps)?,
+            attention: Attention::new(l, &format!("{path}.self_attn"), c)?,
+            layer_norm2: l.layer_norm(&format!("{path}.layer_norm2"), h, c.layer_norm_eps)?,
+            fc1: l.linear(&format!("{path}.mlp.fc1"), h, i, true)?,
+            fc2: l.linear(&format!("{path}.mlp.fc2"), i, h, true)?,
             activation: c.hidden_act,
         })
+    }
+
+    fn layers_mut(&mut self) -> Vec<&mut Adaptable> {
+        let a = &mut self.attention;
+        vec![
+            &mut a.q,
+            &mut a.k,
+            &mut a.v,
+            &mut a.out,
+            &mut self.fc1,
+            &mut self.fc2,
+        ]
     }
 
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
@@ -245,6 +264,11 @@ impl EncoderLayer {
             .forward(&self.layer_norm1.forward(x)?, mask)?)?;
         let h = self.fc1.forward(&self.layer_norm2.forward(&x)?)?;
         let h = match self.activation {
+            // From primitives when gradients flow (training the text encoder): candle's fused sigmoid has no
+            // backward.
+            Activation::QuickGelu if h.track_op() => {
+                (&h * (h.affine(-1.702, 0.0)?.exp()? + 1.0)?.recip()?)?
+            }
             Activation::QuickGelu => (&h * candle_nn::ops::sigmoid(&(&h * 1.702)?)?)?,
             Activation::Gelu => h.gelu_erf()?,
         };
@@ -253,16 +277,17 @@ impl EncoderLayer {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
+    q: Adaptable,
+    k: Adaptable,
+    v: Adaptable,
+    out: Adaptable,
     heads: usize,
 }
 
 impl Attention {
-    fn new(vb: VarBuilder, c: &ClipTextConfig) -> Result<Self> {
-        let linear = |name: &str| candle_nn::linear(c.hidden_size, c.hidden_size, vb.pp(name));
+    fn new(l: &Loader, path: &str, c: &ClipTextConfig) -> Result<Self> {
+        let h = c.hidden_size;
+        let linear = |name: &str| l.linear(&format!("{path}.{name}"), h, h, true);
         Ok(Attention {
             q: linear("q_proj")?,
             k: linear("k_proj")?,
@@ -288,7 +313,13 @@ impl Attention {
         let scores = q
             .matmul(&k.transpose(D::Minus2, D::Minus1)?.contiguous()?)?
             .broadcast_add(mask)?;
-        let y = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        // candle's fused softmax has no backward; the composite one does (training the text encoder).
+        let weights = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let y = weights.matmul(&v)?;
         let y = y.transpose(1, 2)?.reshape((b, s, h))?.to_dtype(x.dtype())?;
         self.out.forward(&y)
     }

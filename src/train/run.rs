@@ -65,6 +65,8 @@ enum TextSource {
     Cached(HashMap<String, Tensor>),
     /// The encoder stays on the device (captions vary from step to step).
     Live(TextEncoder),
+    /// The encoder is trained: its adapters get gradients through the contexts.
+    Trained(TextEncoder),
 }
 
 /// Dynamic loss scaling for fp16: scale up while gradients stay finite, halve on overflow.
@@ -196,16 +198,25 @@ impl<'a> Trainer<'a> {
             &device,
         )
         .map_err(fail("loading the UNet", &config))?;
-        let trainable =
-            attach_adapters(&mut unet, &config).map_err(fail("adding the adapters", &config))?;
-        let mut opt = Optimizer::new(
-            config.optimizer.kind,
-            config.optimizer.params,
-            vec![Group {
-                vars: trainable.vars(),
-                lr: config.optimizer.lr,
-            }],
-        );
+        let mut trainable = attach_adapters(&mut unet, &config)
+            .map_err(fail("adding the adapters", &config))?
+            .under("unet");
+        let mut groups = vec![Group {
+            vars: trainable.vars_of("unet"),
+            lr: config.optimizer.lr,
+        }];
+        let mut text = TextSource::Cached(HashMap::new());
+        if config.training.train_text_encoder {
+            let (encoder, adapters) = trained_text_encoder(&files, &config, dtype, &device)
+                .map_err(fail("adding adapters to the text encoder", &config))?;
+            trainable.adapters.extend(adapters.adapters);
+            groups.push(Group {
+                vars: trainable.vars_of("text_encoder"),
+                lr: config.optimizer.lr_text_encoder,
+            });
+            text = TextSource::Trained(encoder);
+        }
+        let mut opt = Optimizer::new(config.optimizer.kind, config.optimizer.params, groups);
         let counters = match &options.resume {
             Some(dir) => resume(dir, &config, &trainable, &mut opt)?,
             None => {
@@ -242,7 +253,7 @@ impl<'a> Trainer<'a> {
             trainable,
             opt,
             latents: HashMap::new(),
-            text: TextSource::Cached(HashMap::new()),
+            text,
             sample_contexts: Vec::new(),
             schedule: NoiseSchedule::stable_diffusion(),
             counters,
@@ -526,14 +537,18 @@ impl<'a> Trainer<'a> {
     fn contexts(&self, captions: &[String]) -> candle_core::Result<Tensor> {
         let clip_skip = self.config.model.clip_skip.max(1) as usize;
         match &self.text {
-            TextSource::Live(encoder) => {
+            TextSource::Live(encoder) | TextSource::Trained(encoder) => {
                 let texts: Vec<&str> = captions.iter().map(String::as_str).collect();
                 let (ids, _) = self.tokenizer.tokenize_batch(
                     &texts,
                     crate::sample::pipeline::MAX_CHUNKS,
                     &self.device,
                 )?;
-                Ok(encoder.forward(&ids)?.context(clip_skip)?.detach())
+                let context = encoder.forward(&ids)?.context(clip_skip)?.clone();
+                Ok(match self.text {
+                    TextSource::Trained(_) => context,
+                    _ => context.detach(),
+                })
             }
             TextSource::Cached(map) => {
                 let rows: Vec<&Tensor> = captions.iter().map(|c| &map[c]).collect();
@@ -595,7 +610,7 @@ impl<'a> Trainer<'a> {
                 let key = cache.key(&hash, item.bucket, flip);
                 let posterior = match cache.get(&key, &Device::Cpu) {
                     Some(p) => p,
-                    None => match self.encode(&vae, &item, flip) {
+                    None => match self.encode_image(&vae, &item, flip) {
                         Ok((mean, logvar)) => {
                             if let Err(e) = cache.put(&key, &mean, &logvar) {
                                 self.emit(Event::Warning {
@@ -639,7 +654,7 @@ impl<'a> Trainer<'a> {
         self.drop_unreadable(unreadable)
     }
 
-    fn encode(
+    fn encode_image(
         &self,
         vae: &Vae,
         item: &super::data::Item,
@@ -692,6 +707,10 @@ impl<'a> Trainer<'a> {
     /// Encodes the sample prompts, and every caption when the text encoder is frozen and captions are fixed;
     /// otherwise keeps the encoder on the device for per-step encoding.
     fn prepare_text(&mut self) -> Result<(), Failure> {
+        if matches!(self.text, TextSource::Trained(_)) {
+            // The sample prompts are encoded when sampling, with the encoder as trained so far.
+            return Ok(());
+        }
         let encoder = TextEncoder::new(
             self.files.text_encoder(),
             &self.files.text_encoder_config,
@@ -699,29 +718,10 @@ impl<'a> Trainer<'a> {
             &self.device,
         )
         .map_err(|e| self.failure("loading the text encoder", e))?;
-        let clip_skip = self.config.model.clip_skip.max(1) as usize;
-        let encode = |texts: &[&str]| -> candle_core::Result<Tensor> {
-            let (ids, _) = self.tokenizer.tokenize_batch(
-                texts,
-                crate::sample::pipeline::MAX_CHUNKS,
-                &self.device,
-            )?;
-            encoder
-                .forward(&ids)?
-                .context(clip_skip)?
-                .to_device(&Device::Cpu)
-        };
-        let mut contexts = Vec::new();
-        for p in &self.config.sampling.prompts {
-            let both = encode(&[&p.negative, &p.prompt])
-                .map_err(|e| self.failure("encoding the sample prompts", e))?;
-            let pair = (both.narrow(0, 0, 1), both.narrow(0, 1, 1));
-            contexts.push((
-                pair.0.map_err(|e| self.failure("", e))?,
-                pair.1.map_err(|e| self.failure("", e))?,
-            ));
-        }
-        self.sample_contexts = contexts;
+        self.sample_contexts = self
+            .prompt_contexts(&encoder)
+            .map_err(|e| self.failure("encoding the sample prompts", e))?;
+        let encode = |texts: &[&str]| self.encode_texts(&encoder, texts)?.to_device(&Device::Cpu);
         let d = &self.config.dataset;
         let fixed_captions = !d.shuffle_caption && d.tag_dropout <= 0.0;
         if !fixed_captions {
@@ -756,6 +756,29 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
+    /// Contexts `[N, n·77, C]` of `texts`, detached, on the device.
+    fn encode_texts(&self, encoder: &TextEncoder, texts: &[&str]) -> candle_core::Result<Tensor> {
+        let (ids, _) = self.tokenizer.tokenize_batch(
+            texts,
+            crate::sample::pipeline::MAX_CHUNKS,
+            &self.device,
+        )?;
+        let clip_skip = self.config.model.clip_skip.max(1) as usize;
+        Ok(encoder.forward(&ids)?.context(clip_skip)?.detach())
+    }
+
+    /// (uncond, cond) contexts of every sample prompt, on the CPU.
+    fn prompt_contexts(&self, encoder: &TextEncoder) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
+        let mut contexts = Vec::new();
+        for p in &self.config.sampling.prompts {
+            let both = self
+                .encode_texts(encoder, &[&p.negative, &p.prompt])?
+                .to_device(&Device::Cpu)?;
+            contexts.push((both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?));
+        }
+        Ok(contexts)
+    }
+
     /// Generates every sample prompt with the current adapter and writes the images.
     fn sample(&mut self) -> Result<(), Failure> {
         let prompts = self.config.sampling.prompts.clone();
@@ -780,6 +803,11 @@ impl<'a> Trainer<'a> {
         )
         .map_err(|e| self.failure("loading the VAE for samples", e))?;
         let f = self.files.vae_config.downsample_factor();
+        if let TextSource::Trained(encoder) = &self.text {
+            self.sample_contexts = self
+                .prompt_contexts(encoder)
+                .map_err(|e| self.failure("encoding the sample prompts", e))?;
+        }
         for (i, p) in prompts.iter().enumerate() {
             let image = self
                 .sample_one(&vae, vae_dtype, i, p, f)
@@ -869,7 +897,7 @@ impl<'a> Trainer<'a> {
         };
         let set = self
             .trainable
-            .to_set("unet")
+            .to_lora_set()
             .map_err(|e| self.failure("saving the LoRA", e))?;
         let dtype = match self.config.saving.dtype.as_str() {
             "fp32" => DType::F32,
@@ -987,6 +1015,10 @@ impl<'a> Trainer<'a> {
         );
         put("ss_unet_lr", c.optimizer.lr.to_string());
         put(
+            "ss_network_train_unet_only",
+            py_bool(!c.training.train_text_encoder),
+        );
+        put(
             "ss_num_batches_per_epoch",
             self.data.plan.steps_per_epoch().to_string(),
         );
@@ -1080,6 +1112,33 @@ fn attach_adapters(unet: &mut UNet, config: &TrainConfig) -> candle_core::Result
     )
 }
 
+/// The text encoder with an adapter on every attention projection and MLP layer (kohya's text-encoder targets),
+/// initialised from the seed; the adapters' paths start with `text_encoder.`.
+fn trained_text_encoder(
+    files: &ModelFiles,
+    config: &TrainConfig,
+    dtype: DType,
+    device: &Device,
+) -> candle_core::Result<(TextEncoder, Trainable)> {
+    let mut encoder = TextEncoder::new(
+        files.text_encoder(),
+        &files.text_encoder_config,
+        dtype,
+        device,
+    )?;
+    let n = &config.network;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.training.seed);
+    rng.set_stream(1);
+    let adapters = Trainable::attach(
+        encoder.layers_mut(),
+        |_| Some(crate::model::adapters::Slot::Linear),
+        (n.rank as usize, n.alpha),
+        (n.rank as usize, n.alpha),
+        &mut rng,
+    )?;
+    Ok((encoder, adapters.under("text_encoder")))
+}
+
 /// Restores a state folder into the adapters and optimizer, after checking it is from the same network.
 fn resume(
     dir: &std::path::Path,
@@ -1112,15 +1171,11 @@ fn resume(
 
 /// Sets the adapters from an existing LoRA file (same rank; a different alpha is folded into `up`).
 fn init_from(path: &std::path::Path, trainable: &Trainable) -> Result<(), String> {
-    let known = trainable
-        .adapters
-        .iter()
-        .map(|(p, _)| format!("unet.{p}"))
-        .collect();
+    let known = trainable.adapters.iter().map(|(p, _)| p.clone()).collect();
     let (set, _) = crate::lora::load(path, &known).map_err(|e| e.to_string())?;
     let mut matched = 0;
     for (p, a) in &trainable.adapters {
-        let Some(m) = set.modules.get(&format!("unet.{p}")) else {
+        let Some(m) = set.modules.get(p) else {
             continue;
         };
         if m.rank() != a.rank() {
