@@ -4,6 +4,7 @@
 # .bench/ds (24 images, 3 aspect ratios) for 200 steps with latent caching and samples every 50 steps, once per
 # preset, while ballast.py holds all but the preset's card size of the GPU. Needs dist/lora-studio.xz and .bench/
 # (ballast.py, the diffusers wheel, ds/). Results go to $OUT.
+#   bash tools/gpu_train.sh sd15-6gb:5.5 sd15-8gb:7.5      (preset:GiB left free; the model is made once per machine)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BIN=/tmp/lora-studio
@@ -12,9 +13,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
 export CUDA_CACHE_PATH=/tmp/jit; mkdir -p /tmp/jit
 [ -f dist/jitcache.tar.gz ] && tar -C /tmp/jit -xzf dist/jitcache.tar.gz
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .bench/whl/*.whl > /dev/null 2>&1
-SECONDS=0
-PYTHONPATH=/tmp/site python3 tools/make_random_sd15.py /tmp/sd15 > "$OUT/make_model.log" 2>&1
-echo "model made in ${SECONDS}s" >> "$OUT/make_model.log"
+if [ ! -f /tmp/sd15/model_index.json ]; then
+  SECONDS=0
+  PYTHONPATH=/tmp/site python3 tools/make_random_sd15.py /tmp/sd15 > "$OUT/make_model.log" 2>&1
+  echo "model made in ${SECONDS}s" >> "$OUT/make_model.log"
+fi
 prove() { # preset leave_gib
   local preset=$1 leave=$2
   SECONDS=0
@@ -26,6 +29,5 @@ prove() { # preset leave_gib
   ls -la "/tmp/run-$preset" "/tmp/run-$preset/samples" >> "$OUT/train-$preset.log" 2>&1
   cp "/tmp/run-$preset/samples/"*step000200* "$OUT/" 2>/dev/null
 }
-prove sd15-6gb 5.5
-prove sd15-8gb 7.5
+for spec in "$@"; do prove "${spec%%:*}" "${spec##*:}"; done
 tar -C /tmp/jit -czf "$OUT/jitcache.tar.gz" .

@@ -112,7 +112,7 @@ impl TrainArgs {
     fn build_config(&self) -> Result<TrainConfig, String> {
         let mut layers: Vec<(String, String)> = Vec::new();
         if let Some(dir) = &self.resume {
-            let saved = crate::train::state::saved_config(dir).map_err(|e| e.to_string())?;
+            let (_, saved) = crate::train::state::saved(dir).map_err(|e| e.to_string())?;
             layers.push((format!("{}", dir.display()), saved.to_toml()));
         }
         if let Some(p) = &self.preset {

@@ -125,7 +125,7 @@ pub struct NetworkConfig {
     /// Rank and alpha of the LoCon convolution adapters (targets = "all").
     pub conv_rank: u32,
     pub conv_alpha: f64,
-    /// Dropout on the adapter input.
+    /// Dropout on the adapter (not supported yet: must be 0).
     pub dropout: f64,
     /// Start from an existing LoRA instead of fresh adapters.
     pub init_from: Option<PathBuf>,
@@ -364,8 +364,12 @@ impl TrainConfig {
                 "must be above 0 (usually equal to or half the rank)",
             );
         }
-        if !(0.0..1.0).contains(&self.network.dropout) {
-            return err("network.dropout", "must be in [0, 1)");
+        if self.network.dropout != 0.0 {
+            // Needs a dropout mask that recompute and resume can reproduce; not built yet.
+            return err(
+                "network.dropout",
+                "is not supported yet; set it to 0 (use caption or tag dropout for regularisation)",
+            );
         }
         if !(self.optimizer.lr > 0.0 && self.optimizer.lr < 1.0) {
             return err("optimizer.lr", "must be between 0 and 1 (usually 1e-4)");

@@ -7,6 +7,7 @@ pub mod data;
 pub mod engine;
 pub mod events;
 pub mod failure;
+mod inputs;
 pub mod lr;
 pub mod optim;
 pub mod plan;

@@ -2,12 +2,12 @@
 //! the front end's commands honoured between steps. Every random draw of a step comes from (seed, step), and the
 //! data order from (seed, epoch), so a resumed run repeats the uninterrupted one exactly.
 
-use super::cache::{LatentCache, vae_id};
 use super::config::{Precision, TrainConfig};
-use super::data::{CaptionOptions, load_for_bucket, vary_caption};
+use super::data::{CaptionOptions, vary_caption};
 use super::engine::{Link, StartOptions};
 use super::events::{Command, Event, Phase, StepStats};
 use super::failure::Failure;
+use super::inputs::{Inputs, Latents, TextSource, prompt_contexts};
 use super::lr::lr_factor;
 use super::optim::{Group, Optimizer};
 use super::plan::{Data, OutputPaths, load_data, make_plan, open_model};
@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Instant, SystemTime};
 
 /// Consecutive steps with a non-finite loss or gradient after which the run stops.
@@ -57,16 +57,6 @@ pub fn compute_dtype(config: &TrainConfig, device: &Device) -> DType {
         Precision::Bf16 => DType::BF16,
         Precision::Fp32 => DType::F32,
     }
-}
-
-/// Where text contexts come from during training.
-enum TextSource {
-    /// Embeddings of every caption, computed once (text encoder frozen, captions fixed); on the CPU.
-    Cached(HashMap<String, Tensor>),
-    /// The encoder stays on the device (captions vary from step to step).
-    Live(TextEncoder),
-    /// The encoder is trained: its adapters get gradients through the contexts.
-    Trained(TextEncoder),
 }
 
 /// Dynamic loss scaling for fp16: scale up while gradients stay finite, halve on overflow.
@@ -118,8 +108,7 @@ struct Trainer<'a> {
     unet: UNet,
     trainable: Trainable,
     opt: Optimizer,
-    /// Posterior (mean, logvar) of each (item, mirrored), on the CPU.
-    latents: HashMap<(usize, bool), (Tensor, Tensor)>,
+    latents: Latents,
     text: TextSource,
     /// (uncond, cond) context of each sample prompt, on the CPU.
     sample_contexts: Vec<(Tensor, Tensor)>,
@@ -165,7 +154,7 @@ impl<'a> Trainer<'a> {
         link.emit(Event::Log {
             message: format!("model: {}", files.describe()),
         });
-        let data = load_data(&config)?;
+        let mut data = load_data(&config)?;
         for w in &data.warnings {
             link.emit(Event::Warning { message: w.clone() });
         }
@@ -182,63 +171,37 @@ impl<'a> Trainer<'a> {
             &crate::device::describe(&device),
             &format!("{dtype:?}").to_lowercase(),
         );
+        if let Some(dir) = &options.resume {
+            plan.start_step = state::saved(dir).map_or(0, |(c, _)| c.step);
+        }
+        let total_steps = plan.total_steps;
+        link.emit(Event::Plan(plan));
         let tokenizer =
             crate::sample::pipeline::tokenizer_for(&config.model.checkpoint, files.family)
                 .map_err(|e| Failure::new(e, "The model folder's tokenizer files are damaged."))?;
         crate::device::reset_peak(&device);
-        let unet_options = UNetOptions {
-            recompute: config.training.recompute,
-            attention_chunk: None,
-        };
-        let mut unet = UNet::load(
-            files.unet(),
-            &files.unet_config,
-            unet_options,
+        // The VAE and the text encoder do their work before the UNet takes its place on the device.
+        let inputs = Inputs {
+            link,
+            config: &config,
+            device: &device,
             dtype,
-            &device,
-        )
-        .map_err(fail("loading the UNet", &config))?;
-        let mut trainable = attach_adapters(&mut unet, &config)
-            .map_err(fail("adding the adapters", &config))?
-            .under("unet");
-        let mut groups = vec![Group {
-            vars: trainable.vars_of("unet"),
-            lr: config.optimizer.lr,
-        }];
-        let mut text = TextSource::Cached(HashMap::new());
-        if config.training.train_text_encoder {
-            let (encoder, adapters) = trained_text_encoder(&files, &config, dtype, &device)
-                .map_err(fail("adding adapters to the text encoder", &config))?;
-            trainable.adapters.extend(adapters.adapters);
-            groups.push(Group {
-                vars: trainable.vars_of("text_encoder"),
-                lr: config.optimizer.lr_text_encoder,
-            });
-            text = TextSource::Trained(encoder);
-        }
-        let mut opt = Optimizer::new(config.optimizer.kind, config.optimizer.params, groups);
-        let counters = match &options.resume {
-            Some(dir) => resume(dir, &config, &trainable, &mut opt)?,
-            None => {
-                if let Some(init) = &config.network.init_from {
-                    init_from(init, &trainable).map_err(|e| {
-                        Failure::new(
-                            format!("Cannot start from {}: {e}", init.display()),
-                            "Choose a LoRA trained on this model family with the same rank, or clear \
-                             `network.init_from`.",
-                        )
-                    })?;
-                }
-                Counters {
-                    step: 0,
-                    epoch: 0,
-                    batch_in_epoch: 0,
-                }
-            }
+            files: &files,
+            tokenizer: &tokenizer,
         };
-        plan.start_step = counters.step;
-        let total_steps = plan.total_steps;
-        link.emit(Event::Plan(plan));
+        let latents = inputs.cache_latents(&mut data)?;
+        let trained_te = if config.training.train_text_encoder {
+            Some(
+                trained_text_encoder(&files, &config, dtype, &device)
+                    .map_err(fail("adding adapters to the text encoder", &config))?,
+            )
+        } else {
+            None
+        };
+        let (encoder, te_adapters) = trained_te.unzip();
+        let (text, sample_contexts) = inputs.prepare_text(&data, encoder)?;
+        let (unet, trainable, opt, counters) =
+            networks(&config, &files, dtype, &device, te_adapters, options)?;
         Ok(Trainer {
             link,
             loss_scale: LossScale::new(dtype),
@@ -252,9 +215,9 @@ impl<'a> Trainer<'a> {
             unet,
             trainable,
             opt,
-            latents: HashMap::new(),
+            latents,
             text,
-            sample_contexts: Vec::new(),
+            sample_contexts,
             schedule: NoiseSchedule::stable_diffusion(),
             counters,
             total_steps,
@@ -263,6 +226,17 @@ impl<'a> Trainer<'a> {
             stopping: false,
             epoch_batches: (u64::MAX, Vec::new()),
         })
+    }
+
+    fn inputs(&self) -> Inputs<'_> {
+        Inputs {
+            link: self.link,
+            config: &self.config,
+            device: &self.device,
+            dtype: self.dtype,
+            files: &self.files,
+            tokenizer: &self.tokenizer,
+        }
     }
 
     fn emit(&self, event: Event) {
@@ -275,8 +249,6 @@ impl<'a> Trainer<'a> {
 
     /// The whole run after loading.
     fn train(&mut self, options: &StartOptions) -> Result<(), Failure> {
-        self.cache_latents()?;
-        self.prepare_text()?;
         self.emit(Event::Phase {
             phase: Phase::Training,
         });
@@ -574,211 +546,6 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Encodes every (image, mirrored) posterior once, reading what the on-disk cache has; the VAE leaves the
-    /// device afterwards.
-    fn cache_latents(&mut self) -> Result<(), Failure> {
-        self.emit(Event::Phase {
-            phase: Phase::CachingLatents,
-        });
-        let vae = Vae::new(
-            self.files.vae(),
-            &self.files.vae_config,
-            DType::F32,
-            &self.device,
-        )
-        .map_err(|e| self.failure("loading the VAE", e))?;
-        let id = vae_id(self.files.vae()).map_err(|e| self.failure("loading the VAE", e))?;
-        let cache = LatentCache::new(super::cache::default_dir(&self.config.dataset.folder), id);
-        let flips: &[bool] = if self.config.dataset.flip {
-            &[false, true]
-        } else {
-            &[false]
-        };
-        let total = self.data.plan.items.len() * flips.len();
-        let (mut done, mut encoded) = (0, 0);
-        let mut unreadable = Vec::new();
-        for i in 0..self.data.plan.items.len() {
-            let item = self.data.plan.items[i].clone();
-            let hash = match std::fs::read(&item.path) {
-                Ok(bytes) => blake3::hash(&bytes).to_hex().to_string(),
-                Err(e) => {
-                    unreadable.push((i, e.to_string()));
-                    continue;
-                }
-            };
-            for &flip in flips {
-                let key = cache.key(&hash, item.bucket, flip);
-                let posterior = match cache.get(&key, &Device::Cpu) {
-                    Some(p) => p,
-                    None => match self.encode_image(&vae, &item, flip) {
-                        Ok((mean, logvar)) => {
-                            if let Err(e) = cache.put(&key, &mean, &logvar) {
-                                self.emit(Event::Warning {
-                                    message: format!("the latent cache cannot be written ({e}); encoding again next run"),
-                                });
-                            }
-                            encoded += 1;
-                            (mean, logvar)
-                        }
-                        Err(e) if e.to_string().to_lowercase().contains("out of memory") => {
-                            return Err(self.failure("encoding the images", e));
-                        }
-                        Err(e) => {
-                            unreadable.push((i, e.to_string()));
-                            break;
-                        }
-                    },
-                };
-                let squeeze = |t: Tensor| t.squeeze(0);
-                let (m, l) = posterior;
-                let pair = squeeze(m).and_then(|m| Ok((m, squeeze(l)?)));
-                self.latents.insert(
-                    (i, flip),
-                    pair.map_err(|e| self.failure("reading the latent cache", e))?,
-                );
-                done += 1;
-                self.emit(Event::PhaseProgress {
-                    phase: Phase::CachingLatents,
-                    done,
-                    total,
-                });
-            }
-        }
-        drop(vae);
-        self.emit(Event::Log {
-            message: format!(
-                "latents: {encoded} encoded, {} from the cache",
-                done - encoded
-            ),
-        });
-        self.drop_unreadable(unreadable)
-    }
-
-    fn encode_image(
-        &self,
-        vae: &Vae,
-        item: &super::data::Item,
-        flip: bool,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
-        let pixels = load_for_bucket(item, flip, &self.device)?.unsqueeze(0)?;
-        let p = vae.encode(&pixels)?;
-        Ok((
-            p.mean.to_device(&Device::Cpu)?,
-            p.logvar.to_device(&Device::Cpu)?,
-        ))
-    }
-
-    /// Leaves out images that failed to decode during caching (they passed the header check).
-    fn drop_unreadable(&mut self, unreadable: Vec<(usize, String)>) -> Result<(), Failure> {
-        if unreadable.is_empty() {
-            return Ok(());
-        }
-        for (i, why) in &unreadable {
-            self.emit(Event::Warning {
-                message: format!(
-                    "{} is left out: {why}",
-                    self.data.plan.items[*i].path.display()
-                ),
-            });
-        }
-        let bad: Vec<usize> = unreadable.iter().map(|u| u.0).collect();
-        let mut keep_index = HashMap::new();
-        let items = std::mem::take(&mut self.data.plan.items);
-        for (i, item) in items.into_iter().enumerate() {
-            if !bad.contains(&i) {
-                keep_index.insert(i, self.data.plan.items.len());
-                self.data.plan.items.push(item);
-            }
-        }
-        if self.data.plan.items.is_empty() {
-            return Err(Failure::new(
-                "Every image of the dataset failed to decode.",
-                "Check the files in the Dataset workspace (Problems filter) and replace the broken ones.",
-            ));
-        }
-        self.latents = std::mem::take(&mut self.latents)
-            .into_iter()
-            .filter_map(|((i, f), v)| Some(((*keep_index.get(&i)?, f), v)))
-            .collect();
-        self.epoch_batches = (u64::MAX, Vec::new());
-        Ok(())
-    }
-
-    /// Encodes the sample prompts, and every caption when the text encoder is frozen and captions are fixed;
-    /// otherwise keeps the encoder on the device for per-step encoding.
-    fn prepare_text(&mut self) -> Result<(), Failure> {
-        if matches!(self.text, TextSource::Trained(_)) {
-            // The sample prompts are encoded when sampling, with the encoder as trained so far.
-            return Ok(());
-        }
-        let encoder = TextEncoder::new(
-            self.files.text_encoder(),
-            &self.files.text_encoder_config,
-            self.dtype,
-            &self.device,
-        )
-        .map_err(|e| self.failure("loading the text encoder", e))?;
-        self.sample_contexts = self
-            .prompt_contexts(&encoder)
-            .map_err(|e| self.failure("encoding the sample prompts", e))?;
-        let encode = |texts: &[&str]| self.encode_texts(&encoder, texts)?.to_device(&Device::Cpu);
-        let d = &self.config.dataset;
-        let fixed_captions = !d.shuffle_caption && d.tag_dropout <= 0.0;
-        if !fixed_captions {
-            self.text = TextSource::Live(encoder);
-            return Ok(());
-        }
-        self.emit(Event::Phase {
-            phase: Phase::CachingText,
-        });
-        let mut unique: Vec<&str> = self
-            .data
-            .plan
-            .items
-            .iter()
-            .map(|i| i.caption.as_str())
-            .collect();
-        unique.push("");
-        unique.sort_unstable();
-        unique.dedup();
-        let mut map = HashMap::new();
-        for (n, caption) in unique.iter().enumerate() {
-            let t = encode(&[caption]).map_err(|e| self.failure("encoding the captions", e))?;
-            map.insert((*caption).to_owned(), t);
-            self.emit(Event::PhaseProgress {
-                phase: Phase::CachingText,
-                done: n + 1,
-                total: unique.len(),
-            });
-        }
-        drop(encoder);
-        self.text = TextSource::Cached(map);
-        Ok(())
-    }
-
-    /// Contexts `[N, n·77, C]` of `texts`, detached, on the device.
-    fn encode_texts(&self, encoder: &TextEncoder, texts: &[&str]) -> candle_core::Result<Tensor> {
-        let (ids, _) = self.tokenizer.tokenize_batch(
-            texts,
-            crate::sample::pipeline::MAX_CHUNKS,
-            &self.device,
-        )?;
-        let clip_skip = self.config.model.clip_skip.max(1) as usize;
-        Ok(encoder.forward(&ids)?.context(clip_skip)?.detach())
-    }
-
-    /// (uncond, cond) contexts of every sample prompt, on the CPU.
-    fn prompt_contexts(&self, encoder: &TextEncoder) -> candle_core::Result<Vec<(Tensor, Tensor)>> {
-        let mut contexts = Vec::new();
-        for p in &self.config.sampling.prompts {
-            let both = self
-                .encode_texts(encoder, &[&p.negative, &p.prompt])?
-                .to_device(&Device::Cpu)?;
-            contexts.push((both.narrow(0, 0, 1)?, both.narrow(0, 1, 1)?));
-        }
-        Ok(contexts)
-    }
-
     /// Generates every sample prompt with the current adapter and writes the images.
     fn sample(&mut self) -> Result<(), Failure> {
         let prompts = self.config.sampling.prompts.clone();
@@ -804,9 +571,9 @@ impl<'a> Trainer<'a> {
         .map_err(|e| self.failure("loading the VAE for samples", e))?;
         let f = self.files.vae_config.downsample_factor();
         if let TextSource::Trained(encoder) = &self.text {
-            self.sample_contexts = self
-                .prompt_contexts(encoder)
+            let contexts = prompt_contexts(&self.inputs(), encoder)
                 .map_err(|e| self.failure("encoding the sample prompts", e))?;
+            self.sample_contexts = contexts;
         }
         for (i, p) in prompts.iter().enumerate() {
             let image = self
@@ -1097,6 +864,65 @@ impl<'a> Trainer<'a> {
 
 fn py_bool(b: bool) -> String {
     if b { "True" } else { "False" }.into()
+}
+
+/// The UNet with the adapters the config asks for (plus the text encoder's, when trained), the optimizer, and
+/// the counters: restored from a state folder when resuming, else from `network.init_from` or fresh.
+fn networks(
+    config: &TrainConfig,
+    files: &ModelFiles,
+    dtype: DType,
+    device: &Device,
+    te_adapters: Option<Trainable>,
+    options: &StartOptions,
+) -> Result<(UNet, Trainable, Optimizer, Counters), Failure> {
+    let unet_options = UNetOptions {
+        recompute: config.training.recompute,
+        attention_chunk: None,
+    };
+    let mut unet = UNet::load(
+        files.unet(),
+        &files.unet_config,
+        unet_options,
+        dtype,
+        device,
+    )
+    .map_err(fail("loading the UNet", config))?;
+    let mut trainable = attach_adapters(&mut unet, config)
+        .map_err(fail("adding the adapters", config))?
+        .under("unet");
+    let mut groups = vec![Group {
+        vars: trainable.vars_of("unet"),
+        lr: config.optimizer.lr,
+    }];
+    if let Some(te) = te_adapters {
+        trainable.adapters.extend(te.adapters);
+        groups.push(Group {
+            vars: trainable.vars_of("text_encoder"),
+            lr: config.optimizer.lr_text_encoder,
+        });
+    }
+    let mut opt = Optimizer::new(config.optimizer.kind, config.optimizer.params, groups);
+    let counters = match &options.resume {
+        Some(dir) => resume(dir, config, &trainable, &mut opt)?,
+        None => {
+            if let Some(init) = &config.network.init_from {
+                init_from(init, &trainable).map_err(|e| {
+                    Failure::new(
+                        format!("Cannot start from {}: {e}", init.display()),
+                        "Choose a LoRA trained on this model family with the same rank, or clear \
+                         `network.init_from`.",
+                    )
+                })?;
+            }
+            Counters {
+                step: 0,
+                epoch: 0,
+                batch_in_epoch: 0,
+            }
+        }
+    };
+    Ok((unet, trainable, opt, counters))
 }
 
 /// The adapters the config asks for on the UNet, initialised from the seed.

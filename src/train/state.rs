@@ -88,10 +88,10 @@ pub fn save(
     Ok(())
 }
 
-/// The config a saved run was started with (for `--resume` to build on).
-pub fn saved_config(dir: &Path) -> candle_core::Result<TrainConfig> {
+/// Where a saved run stands and the config it was started with (for `--resume` to build on).
+pub fn saved(dir: &Path) -> candle_core::Result<(Counters, TrainConfig)> {
     let file = read_state(&state_dir(dir))?;
-    Ok(file.config)
+    Ok((file.counters, file.config))
 }
 
 /// The folder to read: `dir`, or its `.old` twin when a crash between the two renames of `save` left only that.
