@@ -645,9 +645,8 @@ impl<'a> Trainer<'a> {
             |x, t, c| Ok(unet.forward(x, t, c)?.detach()),
             |_, _| {},
         )?;
-        let pixels = vae
-            .decode(&vae.unscale(&latents.to_dtype(vae_dtype)?)?)?
-            .to_dtype(DType::F32)?;
+        // In 256-pixel tiles: the decoder at full size would need more memory than training does.
+        let pixels = vae.decode_tiled(&vae.unscale(&latents.to_dtype(vae_dtype)?)?, 32, 8)?;
         Ok(tensor_to_images(&pixels)?.remove(0))
     }
 
