@@ -4,11 +4,19 @@
 mod dataset_jobs;
 mod dataset_tools;
 pub mod dataset_view;
+pub mod run_view;
+pub mod samples_view;
 mod textures;
+mod training_form;
+pub mod training_jobs;
+pub mod training_view;
 mod widgets;
 
 use dataset_view::{DatasetSettings, DatasetView};
+use samples_view::SamplesView;
 use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use training_view::{OpenDataset, TrainingSettings, TrainingView};
 
 pub const APP_NAME: &str = "lora-studio";
 
@@ -17,14 +25,18 @@ pub const APP_NAME: &str = "lora-studio";
 pub enum Workspace {
     #[default]
     Dataset,
+    Training,
+    Samples,
 }
 
 impl Workspace {
-    const ALL: [Workspace; 1] = [Workspace::Dataset];
+    const ALL: [Workspace; 3] = [Workspace::Dataset, Workspace::Training, Workspace::Samples];
 
     fn label(self) -> &'static str {
         match self {
             Workspace::Dataset => "Dataset",
+            Workspace::Training => "Training",
+            Workspace::Samples => "Samples",
         }
     }
 }
@@ -35,11 +47,52 @@ impl Workspace {
 pub struct AppState {
     pub workspace: Workspace,
     pub dataset: DatasetSettings,
+    pub training: TrainingSettings,
+}
+
+impl AppState {
+    /// The state of a first start: the demo project when `assets/demo` is there, else the defaults.
+    pub fn first_start() -> Self {
+        let Some(demo) = demo_dir() else {
+            return AppState::default();
+        };
+        let Ok(training) = TrainingSettings::demo(&demo) else {
+            return AppState::default();
+        };
+        let mut state = AppState {
+            workspace: Workspace::Training,
+            training,
+            ..Default::default()
+        };
+        let dataset = demo.join("dataset");
+        if dataset.is_dir() {
+            state.dataset.remember(&dataset);
+        }
+        state
+    }
+}
+
+/// The demo project folder (`assets/demo`), next to the executable or in the source tree.
+pub fn demo_dir() -> Option<PathBuf> {
+    let beside_exe = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("assets/demo")));
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
+    beside_exe
+        .into_iter()
+        .chain([source])
+        .find(|d| d.join("model").exists() && d.join("dataset").is_dir())
 }
 
 pub struct LoraStudioApp {
     state: AppState,
     dataset: DatasetView,
+    training: TrainingView,
+    samples: SamplesView,
+    /// The window was asked to close during a run: ask whether to stop.
+    confirm_close: bool,
+    /// Stop was chosen on close: close once the run has saved and ended.
+    close_after_run: bool,
 }
 
 impl LoraStudioApp {
@@ -49,18 +102,48 @@ impl LoraStudioApp {
         if let Some(last) = state.dataset.recent.first().cloned() {
             dataset.open(ctx, &state.dataset, last.into());
         }
-        LoraStudioApp { state, dataset }
+        LoraStudioApp {
+            state,
+            dataset,
+            training: TrainingView::new(ctx),
+            samples: SamplesView::default(),
+            confirm_close: false,
+            close_after_run: false,
+        }
     }
 
     /// Draws one frame into `ui` (the whole window). Public so that tests drive the full app.
     pub fn show(&mut self, ui: &mut egui::Ui) {
         self.dataset.poll(ui.ctx(), &mut self.state.dataset);
+        let open = self.dataset.scan().map(|s| OpenDataset {
+            root: s.root.clone(),
+            caption_ext: s.project.caption_ext(),
+            images: s.entries.len(),
+        });
+        self.training.poll(ui.ctx(), &mut self.state.training, open);
+        self.handle_close(ui.ctx());
         egui::Panel::top("top_bar").show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.heading(APP_NAME);
                 ui.separator();
                 ui.label(self.state.workspace.label());
+                if let Some(run) = self.training.run() {
+                    ui.separator();
+                    let step = run.last.as_ref().map_or(0, |s| s.step);
+                    ui.label(format!(
+                        "Run: {} · step {step}/{}",
+                        if run.paused {
+                            "Paused"
+                        } else {
+                            run.phase.label()
+                        },
+                        run.total_steps()
+                    ));
+                }
             });
+            if self.state.training.demo {
+                self.demo_banner(ui);
+            }
         });
         egui::Panel::bottom("status_bar").show(ui, |ui| {
             ui.horizontal(|ui| ui.label(self.dataset.status_line()));
@@ -76,6 +159,77 @@ impl LoraStudioApp {
             });
         egui::CentralPanel::default().show(ui, |ui| match self.state.workspace {
             Workspace::Dataset => self.dataset.ui(ui, &mut self.state.dataset),
+            Workspace::Training => self.training.ui(ui, &mut self.state.training),
+            Workspace::Samples => self.samples.ui(ui, self.training.run()),
+        });
+        self.close_dialog(ui.ctx());
+    }
+
+    fn demo_banner(&mut self, ui: &mut egui::Ui) {
+        egui::Frame::new()
+            .fill(ui.visuals().selection.bg_fill.gamma_multiply(0.35))
+            .inner_margin(6.0)
+            .show(ui, |ui| {
+                ui.horizontal(|ui| {
+                    ui.label(egui::RichText::new("Demo project").strong());
+                    ui.label(
+                        "A tiny model and dataset that train on any CPU in a minute or two. Press Start training \
+                         to see the whole workflow.",
+                    );
+                    if ui
+                        .button("Use my own dataset and model")
+                        .on_hover_text("Leave the demo: open your dataset, then choose your checkpoint.")
+                        .clicked()
+                    {
+                        self.state.training.demo = false;
+                        self.state.training.config.model.checkpoint = PathBuf::new();
+                        self.state.training.config.saving.output_dir =
+                            training_view::default_output_dir("output");
+                        self.state.workspace = Workspace::Dataset;
+                    }
+                });
+            });
+    }
+
+    /// A close request during a run is held back until the user says whether to stop (saving) or go on.
+    fn handle_close(&mut self, ctx: &egui::Context) {
+        if self.close_after_run && !self.training.is_running() {
+            self.close_after_run = false;
+            ctx.send_viewport_cmd(egui::ViewportCommand::Close);
+            return;
+        }
+        if ctx.input(|i| i.viewport().close_requested()) && self.training.is_running() {
+            ctx.send_viewport_cmd(egui::ViewportCommand::CancelClose);
+            if !self.close_after_run {
+                self.confirm_close = true;
+            }
+        }
+    }
+
+    fn close_dialog(&mut self, ctx: &egui::Context) {
+        if !self.confirm_close {
+            return;
+        }
+        if !self.training.is_running() {
+            self.confirm_close = false;
+            return;
+        }
+        egui::Modal::new(egui::Id::unique("confirm-close")).show(ctx, |ui| {
+            ui.heading("A training run is in progress");
+            ui.label(
+                "Stop it (the LoRA and the training state are saved first, then the window closes) or keep \
+                 training?",
+            );
+            ui.horizontal(|ui| {
+                if ui.button("Stop, save and quit").clicked() {
+                    self.training.send(crate::train::Command::Stop);
+                    self.close_after_run = true;
+                    self.confirm_close = false;
+                }
+                if ui.button("Keep training").clicked() {
+                    self.confirm_close = false;
+                }
+            });
         });
     }
 
@@ -83,8 +237,16 @@ impl LoraStudioApp {
         &self.state
     }
 
+    pub fn state_mut(&mut self) -> &mut AppState {
+        &mut self.state
+    }
+
     pub fn dataset(&mut self) -> &mut DatasetView {
         &mut self.dataset
+    }
+
+    pub fn training(&mut self) -> &mut TrainingView {
+        &mut self.training
     }
 }
 
@@ -122,7 +284,7 @@ pub fn run_gui(dataset: Option<std::path::PathBuf>) -> Result<(), String> {
             let mut state: AppState = cc
                 .storage
                 .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
-                .unwrap_or_default();
+                .unwrap_or_else(AppState::first_start);
             if let Some(dir) = &dataset {
                 state.dataset.remember(dir);
             }

@@ -1,0 +1,489 @@
+//! The training settings form: the common settings of each group first, the rest under "Advanced". Every
+//! field says what it does and its usual range on hover. The form edits a `TrainConfig` in place and reports
+//! whether anything changed (the caller validates and recomputes the plan).
+
+use super::widgets::{form_check, form_combo, form_drag, form_sci, form_text, labeled_drag};
+use crate::train::config::{Precision, Prediction, SamplePrompt, Targets, TrainConfig};
+use crate::train::lr::LrSchedule;
+use crate::train::optim::OptimizerKind;
+use egui::{Grid, Ui};
+
+const TARGETS: [(Targets, &str); 3] = [
+    (Targets::Attention, "Attention"),
+    (Targets::AttentionAndFeedForward, "Attention + feed-forward"),
+    (Targets::All, "All (with LoCon convs)"),
+];
+const OPTIMIZERS: [(OptimizerKind, &str); 2] = [
+    (OptimizerKind::AdamW, "AdamW"),
+    (OptimizerKind::Adafactor, "Adafactor"),
+];
+const SCHEDULES: [(LrSchedule, &str); 4] = [
+    (LrSchedule::Constant, "Constant"),
+    (LrSchedule::Linear, "Linear"),
+    (LrSchedule::Cosine, "Cosine"),
+    (LrSchedule::CosineWithRestarts, "Cosine with restarts"),
+];
+const PRECISIONS: [(Precision, &str); 4] = [
+    (Precision::Auto, "Auto"),
+    (Precision::Bf16, "bf16"),
+    (Precision::Fp16, "fp16"),
+    (Precision::Fp32, "fp32"),
+];
+const PREDICTIONS: [(Prediction, &str); 3] = [
+    (Prediction::Auto, "From the checkpoint"),
+    (Prediction::Epsilon, "Epsilon"),
+    (Prediction::V, "v"),
+];
+
+fn group(ui: &mut Ui, id: &str, body: impl FnOnce(&mut Ui) -> bool) -> bool {
+    Grid::new(id)
+        .num_columns(2)
+        .spacing([12.0, 4.0])
+        .show(ui, body)
+        .inner
+}
+
+/// The common settings, grouped. Returns true when one changed.
+pub fn common(ui: &mut Ui, c: &mut TrainConfig) -> bool {
+    let mut changed = false;
+    ui.strong("Network");
+    changed |= group(ui, "form-network", |ui| {
+        let mut ch = form_drag(
+            ui,
+            "Rank",
+            "Size of each adapter: more rank learns more detail and makes a bigger file. Usually 4-64 (16 is \
+             a good start).",
+            &mut c.network.rank,
+            1..=1024,
+            0.2,
+        );
+        ch |= form_drag(
+            ui,
+            "Alpha",
+            "Scales the adapter's effect by alpha / rank. Usually equal to the rank or half of it.",
+            &mut c.network.alpha,
+            0.01..=1024.0,
+            0.1,
+        );
+        ch |= form_combo(
+            ui,
+            "Layers",
+            "Which layers get adapters. Attention + feed-forward is kohya's default; All adds LoCon on the \
+             convolutions (more capacity, more memory).",
+            &mut c.network.targets,
+            &TARGETS,
+        );
+        ch
+    });
+    ui.add_space(4.0);
+    ui.strong("Optimizer");
+    changed |= group(ui, "form-optimizer", |ui| {
+        let mut ch = form_combo(
+            ui,
+            "Optimizer",
+            "AdamW is the usual choice; Adafactor keeps less state (less memory).",
+            &mut c.optimizer.kind,
+            &OPTIMIZERS,
+        );
+        ch |= form_sci(
+            ui,
+            "Learning rate",
+            "How big each update is. Usually 1e-4 for SD 1.5 LoRA (5e-5 to 5e-4); too high gives burnt, noisy \
+             images.",
+            &mut c.optimizer.lr,
+            1e-8..=0.999,
+        );
+        ch |= form_combo(
+            ui,
+            "LR schedule",
+            "How the learning rate changes over the run: constant, or falling linearly or along a cosine.",
+            &mut c.optimizer.schedule,
+            &SCHEDULES,
+        );
+        ch |= form_drag(
+            ui,
+            "Warmup steps",
+            "Steps over which the learning rate rises from 0. Usually 0-10% of the steps.",
+            &mut c.optimizer.warmup_steps,
+            0..=100_000,
+            1.0,
+        );
+        ch
+    });
+    ui.add_space(4.0);
+    ui.strong("Schedule");
+    changed |= group(ui, "form-schedule", |ui| {
+        let mut ch = form_drag(
+            ui,
+            "Steps",
+            "Total optimizer steps. 0 lets Epochs decide. Usually 1000-3000 for a character or style.",
+            &mut c.training.steps,
+            0..=1_000_000,
+            1.0,
+        );
+        ch |= form_drag(
+            ui,
+            "Epochs",
+            "Passes over the dataset (repeats included); used when Steps is 0.",
+            &mut c.training.epochs,
+            0..=10_000,
+            0.1,
+        );
+        ch |= form_drag(
+            ui,
+            "Batch size",
+            "Images per step. More is smoother but needs more memory. Usually 1-4.",
+            &mut c.training.batch_size,
+            1..=64,
+            0.05,
+        );
+        ch
+    });
+    ui.add_space(4.0);
+    ui.strong("Dataset options");
+    changed |= group(ui, "form-dataset", |ui| {
+        let mut ch = form_drag(
+            ui,
+            "Resolution",
+            "Base training resolution in pixels (a multiple of 8): 512 for SD 1.5, 768 for SD 2.x-v.",
+            &mut c.dataset.resolution,
+            64..=4096,
+            8.0,
+        );
+        ch |= form_check(
+            ui,
+            "Aspect-ratio buckets",
+            "Train each image near its own aspect ratio instead of cropping it to a square.",
+            &mut c.dataset.bucketing,
+        );
+        ch |= form_check(
+            ui,
+            "Mirror images",
+            "Also train on left-right mirrored images. Off for subjects that are not symmetric (text, logos).",
+            &mut c.dataset.flip,
+        );
+        ch
+    });
+    ui.add_space(4.0);
+    ui.strong("Saving");
+    changed |= group(ui, "form-saving", |ui| {
+        let mut ch = form_drag(
+            ui,
+            "Save every N steps",
+            "Write an intermediate LoRA every N steps (0 = only at the end). Usually every 10-25% of the run.",
+            &mut c.saving.every_n_steps,
+            0..=1_000_000,
+            1.0,
+        );
+        ch |= form_drag(
+            ui,
+            "Keep last",
+            "Keep only the newest K intermediate saves (0 = keep all).",
+            &mut c.saving.keep_last,
+            0..=1000,
+            0.1,
+        );
+        ch
+    });
+    changed
+}
+
+/// The settings most runs leave alone.
+pub fn advanced(ui: &mut Ui, c: &mut TrainConfig) -> bool {
+    group(ui, "form-advanced", |ui| {
+        let mut ch = form_combo(
+            ui,
+            "Prediction",
+            "What the model predicts. Leave it to the checkpoint unless detection is wrong.",
+            &mut c.model.prediction,
+            &PREDICTIONS,
+        );
+        ch |= form_drag(
+            ui,
+            "CLIP skip",
+            "1 = the text encoder's last layer; 2 = the penultimate (common for anime models).",
+            &mut c.model.clip_skip,
+            0..=12,
+            0.05,
+        );
+        ch |= form_drag(
+            ui,
+            "Conv rank",
+            "Rank of the LoCon convolution adapters (Layers = All). Usually 4-16.",
+            &mut c.network.conv_rank,
+            1..=1024,
+            0.2,
+        );
+        ch |= form_drag(
+            ui,
+            "Conv alpha",
+            "Alpha of the LoCon convolution adapters. Usually half the conv rank.",
+            &mut c.network.conv_alpha,
+            0.01..=1024.0,
+            0.1,
+        );
+        ch |= form_drag(
+            ui,
+            "Network dropout",
+            "Dropout on the adapter input, against overfitting. Usually 0-0.1.",
+            &mut c.network.dropout,
+            0.0..=0.99,
+            0.005,
+        );
+        ch |= form_sci(
+            ui,
+            "Text encoder LR",
+            "Learning rate of the text-encoder adapters (when trained). Usually half the UNet's.",
+            &mut c.optimizer.lr_text_encoder,
+            0.0..=0.999,
+        );
+        ch |= form_check(
+            ui,
+            "Train the text encoder",
+            "Also put adapters on the text encoder: learns new words better, costs memory.",
+            &mut c.training.train_text_encoder,
+        );
+        ch |= form_drag(
+            ui,
+            "Restarts",
+            "Cycles of the cosine-with-restarts schedule. Usually 1-4.",
+            &mut c.optimizer.restarts,
+            1..=100,
+            0.05,
+        );
+        ch |= form_drag(
+            ui,
+            "Max gradient norm",
+            "Clip the gradient norm to this (0 = off). Usually 1.",
+            &mut c.optimizer.max_grad_norm,
+            0.0..=100.0,
+            0.01,
+        );
+        ch |= form_drag(
+            ui,
+            "Gradient accumulation",
+            "Sum gradients over this many batches per update: a bigger effective batch without more memory.",
+            &mut c.optimizer.gradient_accumulation,
+            1..=256,
+            0.05,
+        );
+        ch |= form_drag(
+            ui,
+            "Beta 1",
+            "AdamW's first-moment decay. Usually 0.9.",
+            &mut c.optimizer.params.beta1,
+            0.0..=0.9999,
+            0.001,
+        );
+        ch |= form_drag(
+            ui,
+            "Beta 2",
+            "AdamW's second-moment decay. Usually 0.999.",
+            &mut c.optimizer.params.beta2,
+            0.0..=0.99999,
+            0.0001,
+        );
+        ch |= form_sci(
+            ui,
+            "Epsilon",
+            "AdamW's epsilon. Usually 1e-8.",
+            &mut c.optimizer.params.eps,
+            0.0..=1.0,
+        );
+        ch |= form_drag(
+            ui,
+            "Weight decay",
+            "Pulls the weights toward zero. Usually 0-0.1.",
+            &mut c.optimizer.params.weight_decay,
+            0.0..=1.0,
+            0.001,
+        );
+        ch |= form_drag(
+            ui,
+            "Seed",
+            "Seeds the noise, timesteps and data order: the same seed repeats a run exactly.",
+            &mut c.training.seed,
+            0..=u64::MAX,
+            1.0,
+        );
+        ch |= form_combo(
+            ui,
+            "Precision",
+            "Compute precision on the GPU. Auto: bf16 where supported, else fp16. The CPU always uses fp32.",
+            &mut c.training.precision,
+            &PRECISIONS,
+        );
+        ch |= form_check(
+            ui,
+            "Recompute (gradient checkpointing)",
+            "Recompute blocks in the backward pass: much less memory, steps about a third slower. On for \
+             6-8 GB cards.",
+            &mut c.training.recompute,
+        );
+        ch |= form_drag(
+            ui,
+            "Noise offset",
+            "Helps the model learn very dark or bright images. Usually 0-0.1.",
+            &mut c.training.noise_offset,
+            0.0..=1.0,
+            0.005,
+        );
+        ch |= form_drag(
+            ui,
+            "Min-SNR gamma",
+            "Min-SNR loss weighting (0 = off). 5 is the usual value; it steadies training.",
+            &mut c.training.min_snr_gamma,
+            0.0..=20.0,
+            0.05,
+        );
+        ch |= form_drag(
+            ui,
+            "Min bucket side",
+            "Smallest bucket side in pixels. Usually 256.",
+            &mut c.dataset.min_bucket_side,
+            32..=4096,
+            8.0,
+        );
+        ch |= form_drag(
+            ui,
+            "Max bucket side",
+            "Largest bucket side in pixels. Lower it to save memory (e.g. to the resolution).",
+            &mut c.dataset.max_bucket_side,
+            32..=8192,
+            8.0,
+        );
+        ch |= form_drag(
+            ui,
+            "Bucket step",
+            "Bucket sides are multiples of this. Usually 64.",
+            &mut c.dataset.bucket_step,
+            8..=512,
+            1.0,
+        );
+        ch |= form_check(
+            ui,
+            "Shuffle caption tags",
+            "Shuffle the comma-separated tags each time a caption is used (the first Keep tokens stay).",
+            &mut c.dataset.shuffle_caption,
+        );
+        ch |= form_drag(
+            ui,
+            "Keep tokens",
+            "Tags at the front that shuffling and tag dropout leave in place (the trigger word). Usually 1.",
+            &mut c.dataset.keep_tokens,
+            0..=100,
+            0.05,
+        );
+        ch |= form_drag(
+            ui,
+            "Caption dropout",
+            "Probability of training an image with an empty caption. Usually 0-0.1.",
+            &mut c.dataset.caption_dropout,
+            0.0..=1.0,
+            0.005,
+        );
+        ch |= form_drag(
+            ui,
+            "Tag dropout",
+            "Probability of dropping each tag. Usually 0-0.1.",
+            &mut c.dataset.tag_dropout,
+            0.0..=1.0,
+            0.005,
+        );
+        ch |= form_drag(
+            ui,
+            "Save every N epochs",
+            "Write an intermediate LoRA every N epochs (0 = off).",
+            &mut c.saving.every_n_epochs,
+            0..=10_000,
+            0.05,
+        );
+        ch |= form_text(
+            ui,
+            "Saved precision",
+            "Tensor precision of the saved LoRA: fp16 (usual), bf16 or fp32.",
+            &mut c.saving.dtype,
+            80.0,
+        );
+        ch
+    })
+}
+
+/// The sample prompts and how often they are made.
+pub fn sampling(ui: &mut Ui, c: &mut TrainConfig) -> bool {
+    let mut changed = false;
+    ui.strong("Sample prompts");
+    changed |= group(ui, "form-sampling", |ui| {
+        form_drag(
+            ui,
+            "Sample every N steps",
+            "Generate the sample prompts with the adapter every N steps (0 = off). Usually as often as saves.",
+            &mut c.sampling.every_n_steps,
+            0..=1_000_000,
+            1.0,
+        )
+    });
+    let mut remove = None;
+    let n = c.sampling.prompts.len();
+    for (i, p) in c.sampling.prompts.iter_mut().enumerate() {
+        egui::Frame::group(ui.style()).show(ui, |ui| {
+            ui.horizontal(|ui| {
+                let l = ui.label(format!("Prompt {}", i + 1));
+                changed |= ui
+                    .add(egui::TextEdit::singleline(&mut p.prompt).desired_width(300.0))
+                    .labelled_by(l.id)
+                    .on_hover_text("What the sample shows; use your trigger word.")
+                    .changed();
+                if ui.small_button("Remove").on_hover_text("Remove this prompt").clicked() {
+                    remove = Some(i);
+                }
+            });
+            ui.horizontal(|ui| {
+                let l = ui.label(format!("Negative {}", i + 1));
+                changed |= ui
+                    .add(egui::TextEdit::singleline(&mut p.negative).desired_width(300.0))
+                    .labelled_by(l.id)
+                    .on_hover_text("What the sample should not show (may be empty).")
+                    .changed();
+            });
+            ui.horizontal_wrapped(|ui| {
+                changed |= labeled_drag(ui, "Seed", &mut p.seed, 0..=u64::MAX)
+                    .on_hover_text("The same seed gives comparable samples across steps.")
+                    .changed();
+                changed |= labeled_drag(ui, "Width", &mut p.width, 8..=2048)
+                    .on_hover_text("Sample width in pixels (a multiple of 8; usually the resolution).")
+                    .changed();
+                changed |= labeled_drag(ui, "Height", &mut p.height, 8..=2048)
+                    .on_hover_text("Sample height in pixels (a multiple of 8).")
+                    .changed();
+                changed |= labeled_drag(ui, "Sampling steps", &mut p.steps, 1..=150)
+                    .on_hover_text("Denoising steps per sample. Usually 20-30.")
+                    .changed();
+                changed |= labeled_drag(ui, "CFG", &mut p.cfg, 1.0..=30.0)
+                    .on_hover_text("Classifier-free guidance: how strictly the prompt is followed. Usually 5-8.")
+                    .changed();
+            });
+        });
+    }
+    if let Some(i) = remove {
+        c.sampling.prompts.remove(i);
+        changed = true;
+    }
+    if ui
+        .button("Add prompt")
+        .on_hover_text("Add a sample prompt (made at every sample step).")
+        .clicked()
+    {
+        let side = c.dataset.resolution;
+        let seed = c.sampling.prompts.last().map_or(1, |p| p.seed + 1);
+        c.sampling.prompts.push(SamplePrompt {
+            width: side,
+            height: side,
+            seed,
+            ..Default::default()
+        });
+        changed = true;
+    }
+    let _ = n;
+    changed
+}

@@ -1,0 +1,1050 @@
+//! The Training workspace: configure a run (model, device, preset, settings, sample prompts, output) beside its
+//! plan, then start, pause, stop and watch it (phase, progress, loss and learning-rate curves, memory, log).
+
+use super::run_view::{self, CurveOptions, Run};
+use super::training_form;
+use super::training_jobs::{DeviceInfo, JobEvent, Jobs, ModelInfo, Pick};
+use super::widgets::{bytes, duration, labeled_text, path_field};
+use crate::train::Command;
+use crate::train::config::TrainConfig;
+use crate::train::plan::Preview;
+use crate::train::presets::{self, Preset, PresetInfo};
+use egui::{RichText, Ui};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const RECENT_MAX: usize = 10;
+/// The plan and the model check run once typing pauses this long.
+const DEBOUNCE: Duration = Duration::from_millis(400);
+pub const DEFAULT_PRESET: &str = "sd15-6gb";
+
+/// Training settings that survive a restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainingSettings {
+    /// The config being edited, stored as TOML text so that a config from another version falls back to the
+    /// defaults instead of losing the whole app state.
+    #[serde(with = "config_as_toml")]
+    pub config: TrainConfig,
+    /// The preset the config started from.
+    pub preset: String,
+    /// Recently used base checkpoints, most recent first.
+    pub recent_models: Vec<String>,
+    /// The demo project is open (shows the banner).
+    pub demo: bool,
+}
+
+impl Default for TrainingSettings {
+    fn default() -> Self {
+        let mut config = presets::find(DEFAULT_PRESET)
+            .and_then(|p| p.config())
+            .unwrap_or_default();
+        config.saving.output_dir = default_output_dir("output");
+        TrainingSettings {
+            config,
+            preset: DEFAULT_PRESET.into(),
+            recent_models: Vec::new(),
+            demo: false,
+        }
+    }
+}
+
+impl TrainingSettings {
+    pub fn remember_model(&mut self, path: &Path) {
+        let p = path.to_string_lossy().into_owned();
+        self.recent_models.retain(|r| *r != p);
+        self.recent_models.insert(0, p);
+        self.recent_models.truncate(RECENT_MAX);
+    }
+
+    /// The demo project: its model, the `cpu-demo` preset with the demo's own layer on top, and an output
+    /// folder in the user's data folder. `demo` is the `assets/demo` folder.
+    pub fn demo(demo: &Path) -> Result<Self, String> {
+        let preset = presets::find("cpu-demo").map_err(|e| e.0)?;
+        let layer_path = demo.join("demo.toml");
+        let layer = std::fs::read_to_string(&layer_path).unwrap_or_default();
+        let mut config = TrainConfig::build(
+            &[
+                ("preset cpu-demo", &preset.layer),
+                (&layer_path.display().to_string(), &layer),
+            ],
+            &[],
+        )
+        .map_err(|e| e.0)?;
+        config.model.checkpoint = demo.join("model");
+        config.dataset.folder = demo.join("dataset");
+        config.saving.output_dir = default_output_dir("demo-output");
+        if config.saving.output_name == TrainConfig::default().saving.output_name {
+            config.saving.output_name = "demo-lora".into();
+        }
+        let mut s = TrainingSettings {
+            config,
+            preset: "cpu-demo".into(),
+            recent_models: Vec::new(),
+            demo: true,
+        };
+        s.remember_model(&demo.join("model"));
+        Ok(s)
+    }
+}
+
+/// `~/.local/share/lora-studio/NAME` (the platform's data folder), else `~/lora-studio/NAME`.
+pub fn default_output_dir(name: &str) -> PathBuf {
+    directories::ProjectDirs::from("", "", "lora-studio")
+        .map(|d| d.data_dir().join(name))
+        .or_else(|| {
+            directories::UserDirs::new().map(|u| u.home_dir().join("lora-studio").join(name))
+        })
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+mod config_as_toml {
+    use crate::train::config::TrainConfig;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &TrainConfig, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&c.to_toml())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<TrainConfig, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok(TrainConfig::build(&[("saved settings", &text)], &[])
+            .unwrap_or_else(|_| super::TrainingSettings::default().config))
+    }
+}
+
+/// The dataset open in the Dataset workspace, as the training config needs it.
+pub struct OpenDataset {
+    pub root: PathBuf,
+    pub caption_ext: String,
+    pub images: usize,
+}
+
+struct SavePresetForm {
+    name: String,
+    title: String,
+    message: Option<Result<String, String>>,
+}
+
+pub struct TrainingView {
+    jobs: Jobs,
+    presets: Vec<Preset>,
+    preset_problems: Vec<String>,
+    device: Option<DeviceInfo>,
+    model_generation: u64,
+    /// The (checkpoint, vae) the model result is for, and the result.
+    model_for: Option<(PathBuf, Option<PathBuf>)>,
+    model: Option<Result<ModelInfo, String>>,
+    model_checking: bool,
+    model_changed_at: Option<Instant>,
+    plan_generation: u64,
+    plan: Option<Result<Box<Preview>, String>>,
+    planning: bool,
+    plan_changed_at: Option<Instant>,
+    validation: Option<String>,
+    save_preset: Option<SavePresetForm>,
+    pub(super) run: Option<Run>,
+    confirm_stop: bool,
+    curves: CurveOptions,
+    /// Steps per second of the last run, for the time estimate of the next plan.
+    last_speed: Option<f64>,
+    pub(super) status: String,
+}
+
+impl TrainingView {
+    pub fn new(ctx: &egui::Context) -> Self {
+        let jobs = Jobs::new(ctx);
+        jobs.device();
+        let (presets, preset_problems) = presets::all();
+        // The first model check and plan start at once.
+        let long_ago = Instant::now()
+            .checked_sub(DEBOUNCE)
+            .unwrap_or_else(Instant::now);
+        TrainingView {
+            jobs,
+            presets,
+            preset_problems,
+            device: None,
+            model_generation: 0,
+            model_for: None,
+            model: None,
+            model_checking: false,
+            model_changed_at: Some(long_ago),
+            plan_generation: 0,
+            plan: None,
+            planning: false,
+            plan_changed_at: Some(long_ago),
+            validation: None,
+            save_preset: None,
+            run: None,
+            confirm_stop: false,
+            curves: CurveOptions::default(),
+            last_speed: None,
+            status: String::new(),
+        }
+    }
+
+    pub fn run(&self) -> Option<&Run> {
+        self.run.as_ref()
+    }
+
+    /// True while a run has not ended.
+    pub fn is_running(&self) -> bool {
+        self.run.as_ref().is_some_and(Run::is_active)
+    }
+
+    pub fn model(&self) -> Option<&Result<ModelInfo, String>> {
+        self.model.as_ref()
+    }
+
+    pub fn plan(&self) -> Option<&Result<Box<Preview>, String>> {
+        self.plan.as_ref()
+    }
+
+    /// True while the model check or the plan is being computed or waits for typing to pause.
+    pub fn is_busy(&self) -> bool {
+        self.model_checking
+            || self.planning
+            || self.model_changed_at.is_some()
+            || self.plan_changed_at.is_some()
+    }
+
+    pub fn validation(&self) -> Option<&str> {
+        self.validation.as_deref()
+    }
+
+    fn config_changed(&mut self) {
+        self.plan_changed_at = Some(Instant::now());
+    }
+
+    fn model_changed(&mut self) {
+        self.model_changed_at = Some(Instant::now());
+        self.config_changed();
+    }
+
+    /// Applies the workers' results and starts the debounced checks. Called at the start of every frame.
+    pub fn poll(
+        &mut self,
+        ctx: &egui::Context,
+        settings: &mut TrainingSettings,
+        dataset: Option<OpenDataset>,
+    ) {
+        if let Some(d) = dataset
+            && (d.root != settings.config.dataset.folder
+                || d.caption_ext != settings.config.dataset.caption_extension)
+        {
+            settings.config.dataset.folder = d.root;
+            settings.config.dataset.caption_extension = d.caption_ext;
+            self.config_changed();
+        }
+        for event in self.jobs.events() {
+            match event {
+                JobEvent::Model { generation, result } if generation == self.model_generation => {
+                    self.model_checking = false;
+                    if result.is_ok() {
+                        settings.remember_model(&settings.config.model.checkpoint.clone());
+                    }
+                    self.model = Some(result);
+                }
+                JobEvent::Plan { generation, result } if generation == self.plan_generation => {
+                    self.planning = false;
+                    self.plan = Some(result);
+                }
+                JobEvent::Model { .. } | JobEvent::Plan { .. } => {}
+                JobEvent::Device(d) => self.device = Some(d),
+                JobEvent::Picked { purpose, path } => {
+                    let Some(path) = path else {
+                        self.status =
+                            "No file dialog answered; type the path into the field instead.".into();
+                        continue;
+                    };
+                    let c = &mut settings.config;
+                    match purpose {
+                        Pick::ModelFile | Pick::ModelFolder => {
+                            c.model.checkpoint = path;
+                            self.model_changed();
+                        }
+                        Pick::Vae => {
+                            c.model.vae = Some(path);
+                            self.model_changed();
+                        }
+                        Pick::OutputFolder => {
+                            c.saving.output_dir = path;
+                            self.config_changed();
+                        }
+                    }
+                }
+            }
+        }
+        let c = &settings.config;
+        let key = (c.model.checkpoint.clone(), c.model.vae.clone());
+        if let Some(t) = self.model_changed_at {
+            if t.elapsed() >= DEBOUNCE {
+                self.model_changed_at = None;
+                if self.model_for.as_ref() != Some(&key) {
+                    self.model_generation += 1;
+                    self.model_checking = true;
+                    self.model_for = Some(key.clone());
+                    self.jobs
+                        .detect_model(self.model_generation, key.0.clone(), key.1.clone());
+                }
+            } else {
+                ctx.request_repaint_after(DEBOUNCE);
+            }
+        }
+        if let Some(t) = self.plan_changed_at {
+            self.validation = settings.config.validate().err().map(|e| e.0);
+            if t.elapsed() >= DEBOUNCE {
+                self.plan_changed_at = None;
+                self.start_plan(&settings.config);
+            } else {
+                ctx.request_repaint_after(DEBOUNCE);
+            }
+        }
+        if let Some(run) = &mut self.run {
+            run.poll(ctx);
+            if let Some(s) = run.last.as_ref().filter(|s| s.it_per_s > 0.0) {
+                self.last_speed = Some(s.it_per_s);
+            }
+        }
+    }
+
+    fn start_plan(&mut self, config: &TrainConfig) {
+        self.plan_generation += 1;
+        if self.validation.is_some() {
+            self.planning = false;
+            self.plan = None;
+            return;
+        }
+        if config.model.checkpoint.as_os_str().is_empty() {
+            self.planning = false;
+            self.plan = Some(Err("Choose the base checkpoint to see the plan.".into()));
+            return;
+        }
+        if config.dataset.folder.as_os_str().is_empty() {
+            self.planning = false;
+            self.plan = Some(Err(
+                "Open a dataset in the Dataset workspace to see the plan.".into(),
+            ));
+            return;
+        }
+        self.planning = true;
+        self.jobs.plan(self.plan_generation, config.clone());
+    }
+
+    /// Why Start is not possible now, if it is not.
+    fn start_blocker(&self, settings: &TrainingSettings) -> Option<String> {
+        let c = &settings.config;
+        if self.is_running() {
+            return Some("A run is in progress.".into());
+        }
+        if let Some(v) = &self.validation {
+            return Some(format!("Fix the settings: {v}"));
+        }
+        if c.model.checkpoint.as_os_str().is_empty() {
+            return Some("Choose the base checkpoint.".into());
+        }
+        if let Some(Err(e)) = &self.model {
+            return Some(format!("The model cannot be used: {e}"));
+        }
+        if c.dataset.folder.as_os_str().is_empty() {
+            return Some("Open a dataset in the Dataset workspace.".into());
+        }
+        if c.saving.output_dir.as_os_str().is_empty() {
+            return Some("Choose an output folder.".into());
+        }
+        None
+    }
+
+    /// Starts a run of the current settings.
+    pub fn start(&mut self, ctx: &egui::Context, settings: &TrainingSettings) {
+        if let Some(why) = self.start_blocker(settings) {
+            self.status = why;
+            return;
+        }
+        self.status = format!(
+            "Training {} into {}.",
+            settings.config.saving.output_name,
+            settings.config.saving.output_dir.display()
+        );
+        self.run = Some(Run::start(ctx, settings.config.clone()));
+    }
+
+    /// Sends a command to the run (Stop asks first in the UI; this sends it as it is).
+    pub fn send(&mut self, command: Command) {
+        if let Some(run) = &mut self.run {
+            run.send(command);
+        }
+    }
+
+    fn apply_preset(&mut self, settings: &mut TrainingSettings, index: usize) {
+        let preset = &self.presets[index];
+        match preset.config() {
+            Ok(mut new) => {
+                let old = &settings.config;
+                new.model = old.model.clone();
+                new.dataset.folder = old.dataset.folder.clone();
+                new.dataset.caption_extension = old.dataset.caption_extension.clone();
+                new.saving.output_dir = old.saving.output_dir.clone();
+                new.saving.output_name = old.saving.output_name.clone();
+                new.sampling.prompts = old.sampling.prompts.clone();
+                settings.config = new;
+                settings.preset = preset.name.clone();
+                self.status = format!("Loaded the preset {}.", preset.info.title);
+                self.config_changed();
+            }
+            Err(e) => self.status = format!("The preset {} is broken: {}", preset.name, e.0),
+        }
+    }
+
+    /// Draws the workspace.
+    pub fn ui(&mut self, ui: &mut Ui, settings: &mut TrainingSettings) {
+        egui::Panel::left("training-config")
+            .resizable(true)
+            .default_size(560.0)
+            .min_size(420.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical()
+                    .id_salt("training-config-scroll")
+                    .auto_shrink(false)
+                    .show(ui, |ui| {
+                        let running = self.is_running();
+                        ui.add_enabled_ui(!running, |ui| self.configure(ui, settings));
+                    });
+            });
+        egui::CentralPanel::default().show(ui, |ui| {
+            self.run_controls(ui, settings);
+            ui.separator();
+            let show_run = self.run.is_some();
+            if show_run {
+                self.run_panel(ui);
+            } else {
+                self.plan_panel(ui, settings);
+            }
+        });
+        self.stop_dialog(ui.ctx());
+    }
+
+    fn configure(&mut self, ui: &mut Ui, settings: &mut TrainingSettings) {
+        ui.heading("Configure");
+        if let Some(v) = &self.validation {
+            ui.colored_label(ui.visuals().error_fg_color, format!("Invalid setting: {v}"));
+        }
+        self.model_section(ui, settings);
+        ui.separator();
+        self.device_line(ui);
+        ui.separator();
+        self.preset_section(ui, settings);
+        ui.separator();
+        self.dataset_and_output(ui, settings);
+        ui.separator();
+        let mut changed = training_form::common(ui, &mut settings.config);
+        ui.add_space(4.0);
+        egui::CollapsingHeader::new("Advanced")
+            .id_salt("training-advanced")
+            .show(ui, |ui| {
+                changed |= training_form::advanced(ui, &mut settings.config);
+            });
+        ui.separator();
+        changed |= training_form::sampling(ui, &mut settings.config);
+        if changed {
+            self.config_changed();
+            self.validation = settings.config.validate().err().map(|e| e.0);
+        }
+    }
+
+    fn model_section(&mut self, ui: &mut Ui, settings: &mut TrainingSettings) {
+        ui.strong("Base model");
+        let mut changed = false;
+        ui.horizontal(|ui| {
+            changed |= path_field(ui, "Checkpoint", &mut settings.config.model.checkpoint, 300.0)
+                .on_hover_text(
+                    "A Stable Diffusion 1.x/2.x checkpoint: a single .safetensors file or a diffusers folder.",
+                )
+                .changed();
+            let start = settings
+                .config
+                .model
+                .checkpoint
+                .parent()
+                .map(Path::to_path_buf);
+            if ui.button("Browse…").on_hover_text("Choose a .safetensors file").clicked() {
+                self.jobs.pick(Pick::ModelFile, start.clone());
+            }
+            if ui.button("Folder…").on_hover_text("Choose a diffusers folder").clicked() {
+                self.jobs.pick(Pick::ModelFolder, start);
+            }
+            let mut chosen = None;
+            ui.add_enabled_ui(!settings.recent_models.is_empty(), |ui| {
+                ui.menu_button("Recent models", |ui| {
+                    for r in &settings.recent_models {
+                        if ui.button(r).clicked() {
+                            chosen = Some(PathBuf::from(r));
+                        }
+                    }
+                });
+            });
+            if let Some(p) = chosen {
+                settings.config.model.checkpoint = p;
+                changed = true;
+            }
+        });
+        match (&self.model, self.model_checking) {
+            (_, true) => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label("Reading the checkpoint …");
+                });
+            }
+            (Some(Ok(m)), _) => {
+                ui.label(format!(
+                    "{} · {} · {} · {} parameters · {}",
+                    m.family,
+                    m.prediction,
+                    m.precision,
+                    si(m.parameters),
+                    bytes(m.bytes)
+                ))
+                .on_hover_text(&m.description);
+            }
+            (Some(Err(e)), _) => {
+                ui.colored_label(ui.visuals().error_fg_color, e);
+            }
+            (None, _) => {}
+        }
+        ui.horizontal(|ui| {
+            let mut vae = settings.config.model.vae.clone().unwrap_or_default();
+            let r = path_field(ui, "VAE (optional)", &mut vae, 260.0).on_hover_text(
+                "A VAE file that replaces the checkpoint's own (leave empty to use the checkpoint's).",
+            );
+            if r.changed() {
+                settings.config.model.vae = (!vae.as_os_str().is_empty()).then_some(vae);
+                changed = true;
+            }
+            if ui.button("Browse…").on_hover_text("Choose a VAE file").clicked() {
+                self.jobs.pick(Pick::Vae, None);
+            }
+        });
+        if changed {
+            self.model_changed();
+        }
+    }
+
+    fn device_line(&self, ui: &mut Ui) {
+        match &self.device {
+            None => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label("Looking for a GPU …");
+                });
+            }
+            Some(d) => {
+                match d.memory {
+                    Some((free, total)) => {
+                        ui.label(format!(
+                            "Device: {} · {} total, {} free",
+                            d.name,
+                            bytes(total),
+                            bytes(free)
+                        ));
+                    }
+                    None => {
+                        ui.label(format!("Device: {}", d.name));
+                        ui.colored_label(
+                            ui.visuals().warn_fg_color,
+                            "This build trains on the CPU only: training is slow. Use the cpu-demo preset with \
+                             a small model, or build with --features cuda for an NVIDIA GPU.",
+                        );
+                    }
+                }
+                if let Some(w) = &d.warning {
+                    ui.colored_label(ui.visuals().warn_fg_color, w);
+                }
+            }
+        }
+    }
+
+    fn preset_section(&mut self, ui: &mut Ui, settings: &mut TrainingSettings) {
+        let mut chosen = None;
+        ui.horizontal(|ui| {
+            let l = ui.label("Preset");
+            let current = self
+                .presets
+                .iter()
+                .find(|p| p.name == settings.preset)
+                .map_or_else(|| settings.preset.clone(), |p| p.info.title.clone());
+            egui::ComboBox::from_id_salt("preset-picker")
+                .selected_text(current)
+                .width(260.0)
+                .show_ui(ui, |ui| {
+                    for (i, p) in self.presets.iter().enumerate() {
+                        let text = if p.path.is_some() {
+                            format!("{} (yours)", p.info.title)
+                        } else {
+                            p.info.title.clone()
+                        };
+                        if ui
+                            .selectable_label(p.name == settings.preset, text)
+                            .on_hover_text(&p.info.description)
+                            .clicked()
+                        {
+                            chosen = Some(i);
+                        }
+                    }
+                })
+                .response
+                .labelled_by(l.id)
+                .on_hover_text(
+                    "Settings for a model family and card size. Choosing one replaces the training settings (the \
+                     model, dataset, output and sample prompts stay).",
+                );
+            if ui
+                .button("Save as preset…")
+                .on_hover_text("Save the current settings as your own preset.")
+                .clicked()
+            {
+                self.save_preset = Some(SavePresetForm {
+                    name: String::new(),
+                    title: String::new(),
+                    message: None,
+                });
+            }
+        });
+        if let Some(p) = self.presets.iter().find(|p| p.name == settings.preset) {
+            ui.weak(&p.info.description);
+        }
+        for problem in &self.preset_problems {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!("Preset skipped: {problem}"),
+            );
+        }
+        if let Some(i) = chosen {
+            self.apply_preset(settings, i);
+        }
+        self.save_preset_form(ui, settings);
+    }
+
+    fn save_preset_form(&mut self, ui: &mut Ui, settings: &mut TrainingSettings) {
+        let Some(form) = &mut self.save_preset else {
+            return;
+        };
+        let mut close = false;
+        let mut saved = None;
+        egui::Frame::group(ui.style()).show(ui, |ui| {
+            ui.horizontal(|ui| {
+                labeled_text(ui, "Preset name", &mut form.name, 120.0)
+                    .on_hover_text("A file name: letters, digits, dashes.");
+                labeled_text(ui, "Title", &mut form.title, 160.0);
+            });
+            ui.horizontal(|ui| {
+                if ui.button("Save preset").clicked() {
+                    let card_gib = self
+                        .device
+                        .as_ref()
+                        .and_then(|d| d.memory)
+                        .map_or(0.0, |(_, t)| (t as f64 / (1u64 << 30) as f64).round());
+                    let info = PresetInfo {
+                        title: if form.title.trim().is_empty() {
+                            form.name.trim().to_owned()
+                        } else {
+                            form.title.trim().to_owned()
+                        },
+                        card_gib,
+                        description: format!(
+                            "Saved from lora-studio (based on {}).",
+                            settings.preset
+                        ),
+                    };
+                    let result = match presets::user_dir() {
+                        Some(dir) => {
+                            presets::save_user(&dir, form.name.trim(), &info, &settings.config)
+                                .map(|p| p.display().to_string())
+                                .map_err(|e| e.0)
+                        }
+                        None => {
+                            Err("There is no user configuration folder to save presets in.".into())
+                        }
+                    };
+                    if result.is_ok() {
+                        saved = Some(form.name.trim().to_owned());
+                    }
+                    form.message = Some(result);
+                }
+                if ui.button("Close").clicked() {
+                    close = true;
+                }
+            });
+            match &form.message {
+                Some(Ok(path)) => {
+                    ui.label(format!("Saved {path}"));
+                }
+                Some(Err(e)) => {
+                    ui.colored_label(ui.visuals().error_fg_color, e);
+                }
+                None => {}
+            }
+        });
+        if let Some(name) = saved {
+            let (presets, problems) = presets::all();
+            self.presets = presets;
+            self.preset_problems = problems;
+            settings.preset = name;
+        }
+        if close {
+            self.save_preset = None;
+        }
+    }
+
+    fn dataset_and_output(&mut self, ui: &mut Ui, settings: &mut TrainingSettings) {
+        let c = &mut settings.config;
+        ui.strong("Dataset and output");
+        if c.dataset.folder.as_os_str().is_empty() {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                "No dataset: open one in the Dataset workspace.",
+            );
+        } else {
+            ui.label(format!("Dataset: {}", c.dataset.folder.display()))
+                .on_hover_text(
+                    "The dataset open in the Dataset workspace; open another there to change it.",
+                );
+        }
+        let mut changed = false;
+        ui.horizontal(|ui| {
+            changed |= path_field(ui, "Output folder", &mut c.saving.output_dir, 300.0)
+                .on_hover_text("Where the LoRA files, samples and training state are written.")
+                .changed();
+            if ui
+                .button("Browse…")
+                .on_hover_text("Choose the output folder")
+                .clicked()
+            {
+                self.jobs
+                    .pick(Pick::OutputFolder, Some(c.saving.output_dir.clone()));
+            }
+        });
+        ui.horizontal(|ui| {
+            changed |= labeled_text(ui, "Output name", &mut c.saving.output_name, 200.0)
+                .on_hover_text(
+                    "The LoRA file name, without .safetensors (intermediate saves add the step).",
+                )
+                .changed();
+        });
+        if changed {
+            self.config_changed();
+        }
+    }
+
+    fn run_controls(&mut self, ui: &mut Ui, settings: &TrainingSettings) {
+        let blocker = self.start_blocker(settings);
+        ui.horizontal(|ui| {
+            let start = ui
+                .add_enabled(
+                    blocker.is_none(),
+                    egui::Button::new(RichText::new("Start training").strong()),
+                )
+                .on_hover_text("Start a run with these settings.");
+            let start = match &blocker {
+                Some(why) => start.on_disabled_hover_text(why),
+                None => start,
+            };
+            if start.clicked() {
+                self.start(ui.ctx(), settings);
+            }
+            let active = self.is_running();
+            let (paused, stopping) = self
+                .run
+                .as_ref()
+                .map_or((false, false), |r| (r.paused, r.stopping));
+            if paused {
+                if ui
+                    .add_enabled(active, egui::Button::new("Resume"))
+                    .clicked()
+                {
+                    self.send(Command::Resume);
+                }
+            } else if ui
+                .add_enabled(active && !stopping, egui::Button::new("Pause"))
+                .on_hover_text("Pause after the current step.")
+                .clicked()
+            {
+                self.send(Command::Pause);
+            }
+            if ui
+                .add_enabled(active && !stopping, egui::Button::new("Stop"))
+                .on_hover_text("Save the LoRA and the training state, then end the run.")
+                .clicked()
+            {
+                self.confirm_stop = true;
+            }
+            if ui
+                .add_enabled(active && !stopping, egui::Button::new("Sample now"))
+                .on_hover_text("Make the sample images at the next step.")
+                .clicked()
+            {
+                self.send(Command::SampleNow);
+            }
+            if ui
+                .add_enabled(active && !stopping, egui::Button::new("Save now"))
+                .on_hover_text("Save the LoRA and the training state at the next step, then go on.")
+                .clicked()
+            {
+                self.send(Command::SaveNow);
+            }
+            if self.run.is_some()
+                && !active
+                && ui
+                    .button("Show the plan")
+                    .on_hover_text("Back to the plan of the current settings.")
+                    .clicked()
+            {
+                self.run = None;
+            }
+        });
+        if let Some(why) = &blocker
+            && !self.is_running()
+        {
+            ui.colored_label(ui.visuals().warn_fg_color, why);
+        }
+        if !self.status.is_empty() {
+            ui.weak(&self.status);
+        }
+    }
+
+    fn plan_panel(&mut self, ui: &mut Ui, settings: &TrainingSettings) {
+        ui.heading("Plan");
+        if let Some(v) = &self.validation {
+            ui.colored_label(ui.visuals().error_fg_color, format!("Invalid setting: {v}"));
+            return;
+        }
+        if self.planning {
+            ui.horizontal(|ui| {
+                ui.spinner();
+                ui.label("Working out the plan …");
+            });
+        }
+        match &self.plan {
+            None => {}
+            Some(Err(e)) => {
+                ui.colored_label(ui.visuals().warn_fg_color, e);
+            }
+            Some(Ok(p)) => {
+                let card = self.device.as_ref().and_then(|d| d.memory).map(|(_, t)| t);
+                plan_details(ui, p, card, &settings.config, self.last_speed);
+            }
+        }
+    }
+
+    fn run_panel(&mut self, ui: &mut Ui) {
+        let Some(run) = &self.run else { return };
+        if let Some((message, hint)) = &run.failed {
+            run_view::failure(ui, message, hint);
+            ui.add_space(6.0);
+        }
+        if let Some(f) = &run.finished {
+            let text = match (&f.lora, f.stopped) {
+                (Some(l), true) => format!("Stopped at step {}. Saved {}", f.step, l.display()),
+                (Some(l), false) => format!("Finished: {}", l.display()),
+                (None, _) => format!("Ended at step {} without a LoRA file.", f.step),
+            };
+            ui.label(RichText::new(text).strong());
+        }
+        run_view::progress(ui, run);
+        if let (Some(s), Some(plan)) = (&run.last, &run.plan)
+            && s.it_per_s > 0.0
+        {
+            let remaining = plan.total_steps.saturating_sub(s.step) as f64 / s.it_per_s;
+            ui.weak(format!(
+                "Estimated time for the whole run: {} ({} left)",
+                duration(plan.total_steps as f64 / s.it_per_s),
+                duration(remaining)
+            ));
+        }
+        ui.separator();
+        egui::Panel::bottom("run-log-panel")
+            .resizable(true)
+            .default_size(140.0)
+            .show(ui, |ui| {
+                ui.strong("Log");
+                run_view::log_panel(ui, run);
+            });
+        egui::CentralPanel::default().show(ui, |ui| run_view::curves(ui, run, &mut self.curves));
+    }
+
+    fn stop_dialog(&mut self, ctx: &egui::Context) {
+        if !self.confirm_stop {
+            return;
+        }
+        if !self.is_running() {
+            self.confirm_stop = false;
+            return;
+        }
+        let modal = egui::Modal::new(egui::Id::unique("confirm-stop")).show(ctx, |ui| {
+            ui.heading("Stop training?");
+            ui.label("The LoRA and the training state are saved first; you can resume from the state later.");
+            ui.horizontal(|ui| {
+                if ui.button("Stop and save").clicked() {
+                    self.send(Command::Stop);
+                    self.confirm_stop = false;
+                }
+                if ui.button("Keep training").clicked() {
+                    self.confirm_stop = false;
+                }
+            });
+        });
+        if modal.should_close() {
+            self.confirm_stop = false;
+        }
+    }
+}
+
+fn plan_details(
+    ui: &mut Ui,
+    p: &Preview,
+    card_total: Option<u64>,
+    config: &TrainConfig,
+    speed: Option<f64>,
+) {
+    let plan = &p.plan;
+    egui::Grid::new("plan-grid")
+        .num_columns(2)
+        .spacing([16.0, 4.0])
+        .show(ui, |ui| {
+            let mut row = |k: &str, v: String| {
+                ui.label(k);
+                ui.label(v);
+                ui.end_row();
+            };
+            row("Images", plan.images.to_string());
+            row(
+                "Image uses per epoch (repeats)",
+                plan.samples_per_epoch.to_string(),
+            );
+            row("Buckets", plan.buckets.len().to_string());
+            row("Steps per epoch", plan.steps_per_epoch.to_string());
+            row("Total steps", plan.total_steps.to_string());
+            row("Device", format!("{} ({})", plan.device, plan.precision));
+            row("Output folder", plan.output_dir.display().to_string());
+            row(
+                "LoRA file",
+                plan.lora_file
+                    .file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        });
+    ui.collapsing("Buckets (width x height: image uses)", |ui| {
+        for (w, h, n) in &plan.buckets {
+            ui.label(format!("{w} x {h}: {n}"));
+        }
+    });
+    ui.add_space(6.0);
+    ui.strong("Device memory");
+    let total = p.memory.total_bytes;
+    match card_total {
+        Some(card) => {
+            ui.add(
+                egui::ProgressBar::new((total as f32 / card.max(1) as f32).min(1.0))
+                    .desired_width(360.0)
+                    .text(format!("about {} of {}", bytes(total), bytes(card))),
+            );
+            if let Some(advice) = p.memory.advice(card, config) {
+                egui::Frame::new()
+                    .stroke(egui::Stroke::new(1.5, ui.visuals().error_fg_color))
+                    .inner_margin(8.0)
+                    .corner_radius(4.0)
+                    .show(ui, |ui| {
+                        ui.label(
+                            RichText::new("This run will not fit the card.")
+                                .strong()
+                                .color(ui.visuals().error_fg_color),
+                        );
+                        ui.label(advice);
+                    });
+            }
+        }
+        None => {
+            ui.label(format!(
+                "about {} (no GPU: the run uses main memory)",
+                bytes(total)
+            ));
+        }
+    }
+    ui.collapsing("Where the memory goes", |ui| {
+        for (part, b) in &p.memory.parts {
+            ui.label(format!("{part}: {}", bytes(*b)));
+        }
+    });
+    for w in &p.warnings {
+        ui.colored_label(ui.visuals().warn_fg_color, w);
+    }
+    match speed {
+        Some(it_s) => {
+            ui.label(format!(
+                "Estimated time: about {} at {it_s:.2} it/s (the speed of the last run)",
+                duration(plan.total_steps.saturating_sub(plan.start_step) as f64 / it_s)
+            ));
+        }
+        None => {
+            ui.weak("The time estimate appears once the first steps have run.");
+        }
+    }
+}
+
+/// 1.23 M, 860 M, 1.1 G.
+fn si(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} G", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} k", n / 1e3)
+    } else {
+        format!("{n}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_survive_a_restart_and_a_bad_config_falls_back() {
+        let mut s = TrainingSettings::default();
+        s.config.network.rank = 12;
+        s.config.sampling.prompts.push(Default::default());
+        s.remember_model(Path::new("/models/a.safetensors"));
+        let text = serde_json::to_string(&s).unwrap();
+        let back: TrainingSettings = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.config, s.config);
+        assert_eq!(back.recent_models, s.recent_models);
+        assert_eq!(back.preset, DEFAULT_PRESET);
+
+        let broken = text.replace("rank = 12", "rnak = 12");
+        let back: TrainingSettings = serde_json::from_str(&broken).unwrap();
+        assert_eq!(back.config, TrainingSettings::default().config);
+        assert_eq!(back.recent_models, s.recent_models, "the rest survives");
+    }
+
+    #[test]
+    fn the_demo_project_layers_its_config_over_the_cpu_preset() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("demo.toml"),
+            "[training]\nsteps = 77\n[saving]\noutput_name = \"d\"\n",
+        )
+        .unwrap();
+        let s = TrainingSettings::demo(dir.path()).unwrap();
+        assert!(s.demo);
+        assert_eq!(s.preset, "cpu-demo");
+        assert_eq!(s.config.training.steps, 77);
+        assert_eq!(s.config.dataset.resolution, 64, "from the preset");
+        assert_eq!(s.config.saving.output_name, "d");
+        assert_eq!(s.config.model.checkpoint, dir.path().join("model"));
+        assert!(s.config.saving.output_dir.ends_with("demo-output"));
+    }
+}

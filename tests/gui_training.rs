@@ -1,0 +1,358 @@
+//! The training workflow driven like a person would, through accessible labels (egui_kittest, headless, CPU):
+//! open a dataset, choose the tiny fixture model, load a preset, change settings, train, watch samples arrive,
+//! stop a second run and find its LoRA file.
+
+mod common;
+
+use egui::accesskit::Role;
+use egui_kittest::Harness;
+use egui_kittest::kittest::{NodeT, Queryable};
+use lora_studio::app::{AppState, LoraStudioApp};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn harness(state: AppState) -> Harness<'static, LoraStudioApp> {
+    Harness::builder()
+        .with_size([1280.0, 820.0])
+        .build_eframe(move |cc| LoraStudioApp::new(&cc.egui_ctx, state))
+}
+
+/// Steps frames until `done` holds (background threads deliver between frames), failing after `secs`.
+fn wait_for(
+    h: &mut Harness<'static, LoraStudioApp>,
+    what: &str,
+    secs: u64,
+    done: impl Fn(&mut LoraStudioApp) -> bool,
+) {
+    let start = Instant::now();
+    while !done(h.state_mut()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        h.step();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.run_steps(2);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+/// A fixed folder (so snapshot text is the same on every machine) with a dataset of six small captioned
+/// images and a copy of the tiny SD1 model.
+fn project() -> (PathBuf, PathBuf, PathBuf, PathBuf) {
+    let root = std::env::temp_dir().join("lora-studio-snapshot-training");
+    let _ = std::fs::remove_dir_all(&root);
+    let data = root.join("dataset");
+    for i in 0..6u64 {
+        let p = data.join(format!("img{i}.png"));
+        common::write_png(&p, 64, 64, i + 1);
+        common::caption(&p, format!("zk, thing {i}, red").as_bytes());
+    }
+    let model = root.join("model");
+    copy_dir(&common::sd_tiny::fixture("sd1").join("diffusers"), &model);
+    let out = root.join("output");
+    (root, data, model, out)
+}
+
+fn type_into(h: &mut Harness<'static, LoraStudioApp>, label: &str, text: &str, replace: bool) {
+    let field = h.get_by_role_and_label(Role::TextInput, label);
+    field.focus();
+    h.run_steps(2);
+    if replace {
+        h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
+        h.run_steps(2);
+    }
+    h.get_by_role_and_label(Role::TextInput, label)
+        .type_text(text);
+    h.run_steps(3);
+}
+
+/// Switches the workspace in the left navigation.
+fn nav(h: &mut Harness<'static, LoraStudioApp>, workspace: &str) {
+    h.get_by_role_and_label(Role::Button, workspace).click();
+    h.run_steps(3);
+}
+
+fn set_number(h: &mut Harness<'static, LoraStudioApp>, label: &str, value: f64) {
+    h.get_by_role_and_label(Role::SpinButton, label)
+        .set_value_accesskit(value);
+    h.run_steps(3);
+}
+
+/// A snapshot without the pointer (so that no hover or tooltip depends on where the last click was).
+fn snap(h: &mut Harness<'static, LoraStudioApp>, name: &str) {
+    h.remove_cursor();
+    h.run_steps(3);
+    h.snapshot(name);
+}
+
+/// Covers the parts of a snapshot whose text depends on timing (it/s, ETA, time estimates).
+fn mask_timings(h: &mut Harness<'static, LoraStudioApp>) {
+    let rects: Vec<egui::Rect> = ["it/s", "Estimated time"]
+        .iter()
+        .flat_map(|t| {
+            h.query_all_by_label_contains(t)
+                .map(|n| n.rect())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for r in rects {
+        h.mask(r);
+    }
+}
+
+#[test]
+fn the_whole_training_journey() {
+    let (root, data, model, out) = project();
+    let mut h = harness(AppState::default());
+    h.run_steps(4);
+
+    // The dataset, by typed path.
+    type_into(&mut h, "Dataset folder", &data.to_string_lossy(), false);
+    h.get_by_label("Open").click();
+    wait_for(&mut h, "the dataset", 60, |app| {
+        let d = app.dataset();
+        !d.is_busy() && d.report().is_some()
+    });
+
+    // The model, by typed path; what was detected is shown.
+    nav(&mut h, "Training");
+    h.run_steps(3);
+    type_into(&mut h, "Checkpoint", &model.to_string_lossy(), false);
+    wait_for(&mut h, "the model check", 60, |app| {
+        app.training().model().is_some() && !app.training().is_busy()
+    });
+    let detected = h.state_mut().training().model().unwrap().clone();
+    assert_eq!(detected.as_ref().unwrap().family, "SD 1.x", "{detected:?}");
+
+    // The CPU demo preset, then a few fields changed.
+    h.get_by_label("Preset").click();
+    h.run_steps(2);
+    h.get_by_label("CPU demo (small model)").click();
+    h.run_steps(3);
+    assert_eq!(h.state().state().training.preset, "cpu-demo");
+    assert_eq!(h.state().state().training.config.dataset.resolution, 64);
+    set_number(&mut h, "Steps", 6.0);
+    set_number(&mut h, "Sample every N steps", 3.0);
+    h.get_by_label("Add prompt").click_accesskit();
+    h.run_steps(3);
+    type_into(&mut h, "Prompt 1", "zk, thing", false);
+    set_number(&mut h, "Width", 32.0);
+    set_number(&mut h, "Height", 32.0);
+    set_number(&mut h, "Sampling steps", 2.0);
+    type_into(&mut h, "Output folder", &out.to_string_lossy(), true);
+    {
+        let c = &h.state().state().training.config;
+        assert_eq!(c.training.steps, 6);
+        assert_eq!(c.sampling.every_n_steps, 3);
+        assert_eq!(c.sampling.prompts.len(), 1);
+        assert_eq!(
+            (c.sampling.prompts[0].width, c.sampling.prompts[0].steps),
+            (32, 2)
+        );
+        assert_eq!(c.saving.output_dir, out);
+        assert_eq!(c.dataset.folder, data);
+    }
+
+    // An invalid value is named and blocks Start; fixing it brings the plan back.
+    type_into(&mut h, "Output name", "bad/name", true);
+    let v = h.state_mut().training().validation().map(str::to_owned);
+    assert!(
+        v.as_deref()
+            .is_some_and(|v| v.contains("saving.output_name")),
+        "{v:?}"
+    );
+    assert!(
+        h.get_by_label("Start training")
+            .accesskit_node()
+            .is_disabled()
+    );
+    assert!(
+        h.query_all_by_label_contains("Invalid setting: `saving.output_name`")
+            .count()
+            >= 1
+    );
+    type_into(&mut h, "Output name", "gui-test", true);
+    assert!(h.state_mut().training().validation().is_none());
+    assert_eq!(
+        h.state().state().training.config.saving.output_name,
+        "gui-test"
+    );
+    wait_for(&mut h, "the plan", 60, |app| {
+        matches!(app.training().plan(), Some(Ok(_))) && !app.training().is_busy()
+    });
+    let total = match h.state_mut().training().plan() {
+        Some(Ok(p)) => p.plan.total_steps,
+        other => panic!("no plan: {:?}", other.map(|r| r.as_ref().err())),
+    };
+    assert_eq!(total, 6);
+    h.key_press(egui::Key::Escape);
+    h.run_steps(3);
+    snap(&mut h, "training_configured");
+    // The lower part of the form: the advanced settings and the sample prompts.
+    h.get_by_label("Advanced").click_accesskit();
+    h.run_steps(3);
+    h.get_by_label("Add prompt").scroll_to_me();
+    h.run_steps(4);
+    snap(&mut h, "training_form_prompts");
+
+    // Train: progress, then samples, then the end.
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "the first step", 120, |app| {
+        app.training()
+            .run()
+            .is_some_and(|r| r.last.is_some() || !r.is_active())
+    });
+    wait_for(&mut h, "the end of the run", 120, |app| {
+        app.training().run().is_some_and(|r| !r.is_active())
+    });
+    {
+        let app = h.state_mut();
+        let run = app.training().run().unwrap();
+        assert!(run.failed.is_none(), "the run failed: {:?}", run.failed);
+        assert_eq!(run.losses.len(), 6);
+        let steps = run.sample_steps();
+        assert_eq!(steps, vec![3, 6], "samples at steps 3 and 6");
+        let lora = run.finished.as_ref().unwrap().lora.clone().unwrap();
+        assert!(
+            lora.starts_with(&out) && lora.is_file(),
+            "{}",
+            lora.display()
+        );
+        assert!(run.saved.iter().any(|s| s.final_file));
+    }
+    h.remove_cursor();
+    h.run_steps(3);
+    mask_timings(&mut h);
+    h.snapshot("training_finished");
+    h.get_by_label("Log scale").click();
+    h.run_steps(3);
+    h.get_by_label("Log scale").click();
+    h.run_steps(3);
+
+    // The samples grid: steps by prompts; a click enlarges one.
+    nav(&mut h, "Samples");
+    h.run_steps(4);
+    snap(&mut h, "samples_grid");
+    h.get_by_label("Copy path 1").click();
+    h.step();
+    let copied = h.output().platform_output.commands.iter().any(
+        |c| matches!(c, egui::OutputCommand::CopyText(t) if t.ends_with("gui-test.safetensors")),
+    );
+    assert!(copied, "Copy path puts the LoRA's path on the clipboard");
+    h.run_steps(2);
+    h.get_by_label("Sample step 6 prompt 1").click();
+    h.run_steps(4);
+    assert!(h.query_by_label("Step 6, prompt 1").is_some());
+    h.get_by_label("Close").click();
+    h.run_steps(3);
+    assert!(h.query_by_label("Step 6, prompt 1").is_none());
+    h.get_by_label("Compare two steps").click();
+    h.run_steps(4);
+    assert!(h.query_by_label("Left step").is_some());
+    snap(&mut h, "samples_compare");
+
+    // A second, longer run, stopped: it saves first and the LoRA is on disk.
+    nav(&mut h, "Training");
+    h.run_steps(3);
+    set_number(&mut h, "Steps", 2000.0);
+    h.run_steps(3);
+    h.get_by_label("Start training").click();
+    wait_for(&mut h, "two steps of the second run", 120, |app| {
+        app.training()
+            .run()
+            .is_some_and(|r| r.last.as_ref().is_some_and(|s| s.step >= 2) || !r.is_active())
+    });
+    // Closing the window during a run asks first; keep training.
+    h.input_mut()
+        .viewports
+        .entry(egui::ViewportId::ROOT)
+        .or_default()
+        .events
+        .push(egui::ViewportEvent::Close);
+    h.step();
+    let cancelled = h.output().viewport_output.values().any(|v| {
+        v.commands
+            .iter()
+            .any(|c| matches!(c, egui::ViewportCommand::CancelClose))
+    });
+    assert!(cancelled, "the close is held back during a run");
+    h.run_steps(2);
+    assert!(h.query_by_label("A training run is in progress").is_some());
+    h.get_by_label("Keep training").click();
+    h.run_steps(3);
+    assert!(h.query_by_label("A training run is in progress").is_none());
+    assert!(h.state_mut().training().is_running());
+
+    h.get_by_label("Stop").click();
+    h.run_steps(3);
+    h.get_by_label("Stop and save").click();
+    wait_for(&mut h, "the stopped run to end", 120, |app| {
+        app.training().run().is_some_and(|r| !r.is_active())
+    });
+    let app = h.state_mut();
+    let run = app.training().run().unwrap();
+    assert!(run.failed.is_none(), "the run failed: {:?}", run.failed);
+    let f = run.finished.as_ref().unwrap();
+    assert!(f.stopped && f.step < 2000, "stopped at {}", f.step);
+    let lora = f.lora.clone().expect("a stopped run saves its LoRA");
+    assert!(
+        lora.starts_with(&out) && lora.is_file(),
+        "{}",
+        lora.display()
+    );
+    drop(h);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn the_first_start_opens_the_demo_project() {
+    let Some(demo) = lora_studio::app::demo_dir() else {
+        eprintln!("assets/demo is missing; nothing to check");
+        return;
+    };
+    let state = AppState::first_start();
+    let t = &state.training;
+    assert!(t.demo);
+    assert_eq!(t.preset, "cpu-demo");
+    assert_eq!(t.config.model.checkpoint, demo.join("model"));
+    assert_eq!(t.config.dataset.folder, demo.join("dataset"));
+    assert!(t.config.saving.output_dir.ends_with("demo-output"));
+    assert_eq!(
+        state.dataset.recent[0],
+        demo.join("dataset").to_string_lossy()
+    );
+    let mut h = harness(state);
+    wait_for(&mut h, "the demo's plan", 60, |app| {
+        !app.dataset().is_busy() && app.training().plan().is_some() && !app.training().is_busy()
+    });
+    let plan = h
+        .state_mut()
+        .training()
+        .plan()
+        .unwrap()
+        .as_ref()
+        .map(|p| p.plan.total_steps);
+    // (The demo model may be half-written while it is being regenerated; then only its error shows.)
+    if demo.join("model/model_index.json").is_file() {
+        assert_eq!(plan, Ok(150));
+    }
+    assert!(h.query_by_label("Demo project").is_some());
+    assert!(h.state_mut().training().model().is_some());
+    h.get_by_label("Use my own dataset and model").click();
+    h.run_steps(3);
+    assert!(h.query_by_label("Demo project").is_none());
+    assert!(!h.state().state().training.demo);
+}
