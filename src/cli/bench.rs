@@ -1,6 +1,6 @@
 //! `lora-studio bench …`: measured figures, printed as a table (or JSON).
 
-use crate::app::{AppState, LoraStudioApp};
+use crate::app::{AppState, LoraStudioApp, Workspace};
 use crate::dataset::synth::write_dataset;
 use crate::dataset::validate::{all_threads, default_threads};
 use clap::Subcommand;
@@ -27,6 +27,14 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The UI's frame times while the demo project trains (the real app, headless, on this machine's CPU).
+    GuiTrain {
+        /// Give up after this many frames (~60 a second) if the run has not finished.
+        #[arg(long, default_value_t = 36_000)]
+        max_frames: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Training speed and memory of a full-size network with random weights (no checkpoint needed): random
     /// latents and text embeddings, LoRA on the attention projections, AdamW, like the PyTorch reference.
     Train(super::bench_train::TrainBench),
@@ -35,6 +43,18 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
     match cmd {
         BenchCommand::Train(args) => super::bench_train::run(&args),
+        BenchCommand::GuiTrain { max_frames, json } => {
+            let result = gui_train_bench(max_frames)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", result.table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         BenchCommand::Dataset {
             images,
             max_side,
@@ -122,7 +142,7 @@ fn dataset_bench(dir: &std::path::Path, frames: usize) -> Result<DatasetBench, S
     crate::cli::check(dir, &crate::dataset::BucketConfig::for_resolution(512), 1)?;
     let validate_s = t.elapsed().as_secs_f64() - scan_s;
     let (times, thumbnails_loaded) = ui_frames(dir, frames);
-    let pct = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3;
+    let pct = |p: f64| percentile_ms(&times, p);
     Ok(DatasetBench {
         dir: dir.display().to_string(),
         images: s.entries.len(),
@@ -149,35 +169,158 @@ fn ui_frames(dir: &std::path::Path, frames: usize) -> (Vec<Duration>, usize) {
         .recent
         .push(dir.to_string_lossy().into_owned());
     let mut app = LoraStudioApp::new(&ctx, state);
-    let screen = egui::Rect::from_min_size(egui::Pos2::ZERO, egui::vec2(1280.0, 820.0));
     let mut times = Vec::with_capacity(frames);
     let start = Instant::now();
     for frame in 0..frames {
-        let mut input = egui::RawInput {
-            screen_rect: Some(screen),
-            ..Default::default()
-        };
-        input.time = Some(start.elapsed().as_secs_f64());
-        input
-            .events
-            .push(egui::Event::PointerMoved(egui::pos2(400.0, 400.0)));
-        if frame > 30 {
-            input.events.push(egui::Event::MouseWheel {
-                unit: egui::MouseWheelUnit::Point,
-                delta: egui::vec2(0.0, -120.0),
-                phase: egui::TouchPhase::Move,
-                source: egui::MouseWheelSource::Wheel,
-                modifiers: egui::Modifiers::NONE,
-            });
-        }
-        let t = Instant::now();
-        let out = ctx.run_ui(input, |ui| app.show(ui));
-        let _ = ctx.tessellate(out.shapes, out.pixels_per_point);
-        let took = t.elapsed();
-        times.push(took);
-        std::thread::sleep(Duration::from_millis(16).saturating_sub(took));
+        times.push(ui_frame(
+            &ctx,
+            &mut app,
+            start,
+            if frame > 30 { -120.0 } else { 0.0 },
+        ));
     }
     let loaded = app.dataset().thumbnails_loaded();
     times.sort();
     (times, loaded)
+}
+
+/// The `p` quantile (0–1) of sorted frame times, in milliseconds.
+fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e3
+}
+
+/// One frame of the app at ~60 frames a second, with the pointer over the window and `scroll` points of mouse
+/// wheel; returns the UI thread's time for it (layout, texture creation, tessellation).
+fn ui_frame(ctx: &egui::Context, app: &mut LoraStudioApp, start: Instant, scroll: f32) -> Duration {
+    let screen = egui::Rect::from_min_size(egui::Pos2::ZERO, egui::vec2(1280.0, 820.0));
+    let mut input = egui::RawInput {
+        screen_rect: Some(screen),
+        ..Default::default()
+    };
+    input.time = Some(start.elapsed().as_secs_f64());
+    input
+        .events
+        .push(egui::Event::PointerMoved(egui::pos2(400.0, 400.0)));
+    if scroll != 0.0 {
+        input.events.push(egui::Event::MouseWheel {
+            unit: egui::MouseWheelUnit::Point,
+            delta: egui::vec2(0.0, scroll),
+            phase: egui::TouchPhase::Move,
+            source: egui::MouseWheelSource::Wheel,
+            modifiers: egui::Modifiers::NONE,
+        });
+    }
+    let t = Instant::now();
+    let out = ctx.run_ui(input, |ui| app.show(ui));
+    let _ = ctx.tessellate(out.shapes, out.pixels_per_point);
+    let took = t.elapsed();
+    std::thread::sleep(Duration::from_millis(16).saturating_sub(took));
+    took
+}
+
+#[derive(serde::Serialize)]
+struct GuiTrainBench {
+    steps: u64,
+    samples: usize,
+    train_s: f64,
+    ui_frames: usize,
+    ui_frame_median_ms: f64,
+    ui_frame_p99_ms: f64,
+    ui_frame_worst_ms: f64,
+    lora: Option<String>,
+}
+
+impl GuiTrainBench {
+    fn table(&self) -> String {
+        format!(
+            "UI frames while the demo project trains ({} steps, {} samples, {:.1} s)\n\
+             | measure | value |\n|---|---:|\n\
+             | UI frames during the run | {} |\n\
+             | UI frame time, median | {:.2} ms |\n\
+             | UI frame time, p99 | {:.2} ms |\n\
+             | UI frame time, worst | {:.2} ms |\n\
+             | LoRA written | {} |\n",
+            self.steps,
+            self.samples,
+            self.train_s,
+            self.ui_frames,
+            self.ui_frame_median_ms,
+            self.ui_frame_p99_ms,
+            self.ui_frame_worst_ms,
+            self.lora.as_deref().unwrap_or("none")
+        )
+    }
+}
+
+/// Opens the demo project as on a first start, presses Train once the model check is done, and times every
+/// frame until the run ends, switching between the Training and Samples workspaces every five seconds so that
+/// both the curves and the filling sample grid are drawn.
+fn gui_train_bench(max_frames: usize) -> Result<GuiTrainBench, String> {
+    let mut state = AppState::first_start();
+    if !state.training.demo {
+        return Err("the demo project (assets/demo) was not found next to the program or in the source tree; \
+                    run this from the repository"
+            .into());
+    }
+    let out = tempfile::tempdir().map_err(|e| e.to_string())?;
+    state.training.config.saving.output_dir = out.path().to_owned();
+    let ctx = egui::Context::default();
+    let mut app = LoraStudioApp::new(&ctx, state);
+    let start = Instant::now();
+    let mut times = Vec::new();
+    let mut started: Option<Instant> = None;
+    for frame in 0..max_frames {
+        let took = ui_frame(&ctx, &mut app, start, 0.0);
+        match started {
+            None if app.training().model().is_some_and(|m| m.is_ok())
+                && !app.training().is_busy() =>
+            {
+                let settings = app.state().training.clone();
+                app.training().start(&ctx, &settings);
+                started = Some(Instant::now());
+            }
+            None if frame > 600 => {
+                return Err("the demo model could not be checked within ten seconds".into());
+            }
+            None => {}
+            Some(_) => times.push(took),
+        }
+        if started.is_some() && !app.training().is_running() {
+            break;
+        }
+        if frame % 300 == 299 {
+            let ws = &mut app.state_mut().workspace;
+            *ws = if *ws == Workspace::Training {
+                Workspace::Samples
+            } else {
+                Workspace::Training
+            };
+        }
+    }
+    let train_s = started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    let run = app.training().run().ok_or("the run did not start")?;
+    if let Some((message, hint)) = &run.failed {
+        return Err(format!("the demo run failed: {message} {hint}"));
+    }
+    let (steps, samples) = (run.last.as_ref().map_or(0, |s| s.step), run.samples.len());
+    let lora = run
+        .finished
+        .as_ref()
+        .and_then(|f| f.lora.as_ref())
+        .map(|p| p.display().to_string());
+    times.sort();
+    if times.is_empty() {
+        return Err("no frames ran during training".into());
+    }
+    let pct = |p: f64| percentile_ms(&times, p);
+    Ok(GuiTrainBench {
+        steps,
+        samples,
+        train_s,
+        ui_frames: times.len(),
+        ui_frame_median_ms: pct(0.5),
+        ui_frame_p99_ms: pct(0.99),
+        ui_frame_worst_ms: pct(1.0),
+        lora,
+    })
 }
