@@ -269,6 +269,9 @@ def main() -> int:
     ap.add_argument("--vae-crop-steps", type=int, default=270, help="first VAE steps on 32x32 crops (4x cheaper)")
     ap.add_argument("--unet-steps", type=int, default=800)
     ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--unet-minutes", type=float, default=0.0,
+                    help="a wall-clock budget for the UNet phase: its schedule ends at --unet-steps or at this "
+                         "time, whichever comes first (0: steps only)")
     ap.add_argument("--pool", type=int, default=4096, help="base training images (UNet)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device to train on (cuda on a GPU machine)")
@@ -421,14 +424,23 @@ def main() -> int:
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     steps = args.unet_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+
+    def progress(step: int) -> float:  # through the cosine schedule: by steps or by the time budget
+        by_time = (time.time() - t0) / (60 * args.unet_minutes) if args.unet_minutes > 0 else 0.0
+        return max(step / steps, by_time)
+
+    def lr_at(step: int) -> float:
+        return 1e-3 * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(step))))
     ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     ema_te = {k: v.detach().clone() for k, v in te.state_dict().items()}
     bs = args.unet_batch
     t0 = time.time()
     avg = None
-    for step in range(steps):
+    step = 0
+    while progress(step) < 1.0:
+        lr = lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
         idx = torch.randint(0, lat_mean.shape[0], (bs,), generator=g)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=g).to(dev)) * scaling
         caps_b = [caption_for(rng, pool[i][1], pool[i][2], pool[i][3]) for i in idx.tolist()]
@@ -443,7 +455,6 @@ def main() -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        sched.step()
         decay = min(0.995, (1 + step) / (10 + step))
         with torch.no_grad():
             for m, ema in ((unet, ema_unet), (te, ema_te)):
@@ -451,9 +462,11 @@ def main() -> int:
                     if v.is_floating_point():
                         ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"unet step {step:4d}/{steps}  loss {loss.item():.4f}  avg {avg:.4f}  lr {sched.get_last_lr()[0]:.2e}  "
-                f"({(time.time() - t0) / (step + 1):.2f} s/step)")
+        if step % 50 == 0:
+            log(f"unet step {step:4d}/{steps}  loss {loss.item():.4f}  avg {avg:.4f}  lr {lr:.2e}  "
+                f"({(time.time() - t0) / (step + 1):.3f} s/step)")
+        step += 1
+    log(f"unet: {step} steps, loss avg {avg:.4f}")
     unet_time = time.time() - t0
     unet.load_state_dict(ema_unet)
     te.load_state_dict(ema_te)

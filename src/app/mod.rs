@@ -12,6 +12,8 @@ pub mod training_jobs;
 pub mod training_view;
 mod widgets;
 
+use crate::dataset::BucketConfig;
+use crate::train::data::bucket_config;
 use dataset_view::{DatasetSettings, DatasetView};
 use samples_view::SamplesView;
 use serde::{Deserialize, Serialize};
@@ -93,6 +95,8 @@ pub struct LoraStudioApp {
     confirm_close: bool,
     /// Stop was chosen on close: close once the run has saved and ended.
     close_after_run: bool,
+    /// The training config's buckets and batch size last copied into the dataset workspace.
+    followed_buckets: Option<(BucketConfig, u32)>,
 }
 
 impl LoraStudioApp {
@@ -109,11 +113,13 @@ impl LoraStudioApp {
             samples: SamplesView::default(),
             confirm_close: false,
             close_after_run: false,
+            followed_buckets: None,
         }
     }
 
     /// Draws one frame into `ui` (the whole window). Public so that tests drive the full app.
     pub fn show(&mut self, ui: &mut egui::Ui) {
+        self.follow_training_buckets();
         self.dataset.poll(ui.ctx(), &mut self.state.dataset);
         let open = self.dataset.scan().map(|s| OpenDataset {
             root: s.root.clone(),
@@ -163,6 +169,19 @@ impl LoraStudioApp {
             Workspace::Samples => self.samples.ui(ui, self.training.run()),
         });
         self.close_dialog(ui.ctx());
+    }
+
+    /// The dataset workspace checks images against the buckets the training will use: when the training
+    /// settings' resolution, bucket sides or batch size change, they are copied there (the dataset's Buckets tab
+    /// can still try other values until the next such change).
+    fn follow_training_buckets(&mut self) {
+        let c = &self.state.training.config;
+        let wanted = (bucket_config(&c.dataset), c.training.batch_size);
+        if self.followed_buckets != Some(wanted) {
+            self.followed_buckets = Some(wanted);
+            (self.state.dataset.buckets, self.state.dataset.batch_size) = wanted;
+            self.dataset.settings_changed();
+        }
     }
 
     fn demo_banner(&mut self, ui: &mut egui::Ui) {

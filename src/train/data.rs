@@ -110,7 +110,8 @@ impl DataPlan {
     }
 }
 
-fn bucket_config(cfg: &DatasetConfig) -> BucketConfig {
+/// The buckets a dataset config trains with (made consistent).
+pub fn bucket_config(cfg: &DatasetConfig) -> BucketConfig {
     BucketConfig {
         resolution: cfg.resolution,
         min_side: cfg.min_bucket_side,
