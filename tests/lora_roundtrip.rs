@@ -11,21 +11,19 @@
 
 mod common;
 
-use common::sd_tiny::{fixture, fixture_json, max_abs, reference};
+use common::sd_tiny::{
+    compare, fixture, fixture_json, load_unet, max_abs, model_module_paths, reference, with_lora,
+};
 
 use candle_core::{DType, Device, Tensor};
 use lora_studio::lora::{BaseModel, ConvLora, LoraMetadata, LoraModule, LoraSet, load, save_kohya};
-use lora_studio::model::adapters::{Attach, attach};
 use lora_studio::model::checkpoint;
-use lora_studio::model::text_encoder::TextEncoder;
-use lora_studio::model::unet::{UNet, UNetOptions};
-use lora_studio::model::weights::WithDeltas;
 use lora_studio::sample::Sampler;
 use lora_studio::sample::pipeline::{Pipeline, Request};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::SafeTensors;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -208,31 +206,6 @@ fn write_lora_ours_fixture() {
     }
 }
 
-/// The module paths our loader matches LoRA keys against: our UNet's adaptable layers and the text encoder's
-/// linear layers.
-fn model_module_paths(files: &checkpoint::ModelFiles, unet: &mut UNet) -> BTreeSet<String> {
-    let mut paths = unet.module_paths().unwrap();
-    let te = files.text_encoder();
-    paths.extend(
-        te.names()
-            .into_iter()
-            .filter(|n| n.contains(".encoder.layers.") && te.shape(n).is_some_and(|s| s.len() == 2))
-            .filter_map(|n| Some(format!("text_encoder.{}", n.strip_suffix(".weight")?))),
-    );
-    paths
-}
-
-fn load_unet(files: &checkpoint::ModelFiles) -> UNet {
-    UNet::load(
-        files.unet(),
-        &files.unet_config,
-        UNetOptions::default(),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
 /// The committed file is what the writer makes (byte for byte), it loads against our UNet and text encoder
 /// with every key matched, and diffusers adapted exactly as many modules (fixture.json, checked by the script).
 #[test]
@@ -299,32 +272,16 @@ fn ours_file_is_reproducible_and_fully_matched() {
 fn ours_on_our_unet_and_text_encoder_matches_diffusers() {
     for family in FAMILIES {
         let r = reference(family);
-        let files = checkpoint::open(&fixture(family).join("diffusers")).unwrap();
-        let mut unet = load_unet(&files);
-        let paths = model_module_paths(&files, &mut unet);
-        let (set, _) = load(&fixture(family).join(OURS), &paths).unwrap();
-        let n = attach(
-            unet.layers_mut().unwrap(),
-            &set,
-            "unet",
-            1.0,
-            Attach::Unmerged,
-        )
-        .unwrap();
+        let ours = with_lora(family, &fixture(family).join(OURS), &r);
         assert_eq!(
-            n,
-            set.modules
+            ours.unet_attached,
+            ours.set
+                .modules
                 .keys()
                 .filter(|k| k.starts_with("unet."))
                 .count()
         );
-        let t = r["unet.timesteps"].to_dtype(DType::F32).unwrap();
-        let out = unet
-            .forward(&r["unet.sample_in"], &t, &r["unet.encoder_hidden_states"])
-            .unwrap();
-        let expected = &r["ours.unet_out"];
-        let (err, scale) = (max_abs(&(&out - expected).unwrap()), max_abs(expected));
-        let change = max_abs(&(expected - &r["unet.out"]).unwrap());
+        let (err, scale, change) = compare(&ours.unet_out, &r["ours.unet_out"], &r["unet.out"]);
         println!(
             "{family}: UNet with lora_ours: max abs error {err:e} (output absmax {scale}; the LoRA changes it by up \
              to {change})"
@@ -335,26 +292,11 @@ fn ours_on_our_unet_and_text_encoder_matches_diffusers() {
         );
         assert!(change > 1e-2, "{family}: the LoRA barely changes the UNet");
 
-        let deltas: HashMap<String, Tensor> = set
-            .modules
-            .iter()
-            .filter_map(|(k, m)| {
-                let name = k.strip_prefix("text_encoder.")?;
-                Some((format!("{name}.weight"), m.delta(1.0).unwrap()))
-            })
-            .collect();
-        let weights = WithDeltas::new(files.text_encoder(), deltas);
-        let te = TextEncoder::new(
-            &weights,
-            &files.text_encoder_config,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let last = te.forward(&r["te.input_ids"]).unwrap().last;
-        let expected = &r["ours.te_last"];
-        let (err, scale) = (max_abs(&(&last - expected).unwrap()), max_abs(expected));
-        let change = max_abs(&(expected - &r["te.last_hidden_state"]).unwrap());
+        let (err, scale, change) = compare(
+            &ours.te_last,
+            &r["ours.te_last"],
+            &r["te.last_hidden_state"],
+        );
         println!(
             "{family}: text encoder with lora_ours: max abs error {err:e} (absmax {scale}; the LoRA changes it by \
              up to {change})"

@@ -4,72 +4,12 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::sd_tiny::fixture;
+use common::engine::{config, dataset, finished, model, run, start};
 use lora_studio::train::config::TrainConfig;
-use lora_studio::train::{Command, Engine, Event, StartOptions};
+use lora_studio::train::{Command, Event, StartOptions};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
-
-fn model() -> PathBuf {
-    fixture("sd1").join("diffusers")
-}
-
-/// `n` small images with captions starting with a trigger word.
-fn dataset(dir: &Path, n: u64) {
-    std::fs::create_dir_all(dir).unwrap();
-    for i in 0..n {
-        let p = dir.join(format!("img{i}.png"));
-        common::write_png(&p, 40, 40, i + 1);
-        std::fs::write(p.with_extension("txt"), format!("zk, thing {i}, red")).unwrap();
-    }
-}
-
-fn config(data: &Path, out: &Path, steps: u64, extra: &[&str]) -> TrainConfig {
-    let s = |p: &Path| format!("{:?}", p.to_str().unwrap());
-    let mut o = vec![
-        format!("model.checkpoint={}", s(&model())),
-        format!("dataset.folder={}", s(data)),
-        format!("saving.output_dir={}", s(out)),
-        "saving.output_name=\"t\"".into(),
-        "saving.dtype=\"fp32\"".into(),
-        "dataset.resolution=32".into(),
-        "dataset.bucketing=false".into(),
-        format!("training.steps={steps}"),
-        "training.batch_size=2".into(),
-        "training.recompute=false".into(),
-        "network.rank=4".into(),
-        "network.alpha=4.0".into(),
-        "optimizer.lr=2e-3".into(),
-    ];
-    o.extend(extra.iter().map(|e| (*e).to_owned()));
-    TrainConfig::build(&[], &o).unwrap()
-}
-
-fn start(config: TrainConfig, options: StartOptions) -> Engine {
-    Engine::start(config, options, Arc::new(|| {}))
-}
-
-/// Every event of a run, to its end.
-fn run(config: TrainConfig, options: StartOptions) -> Vec<Event> {
-    let engine = start(config, options);
-    let events: Vec<Event> = engine.events().iter().take_while_inclusive().collect();
-    engine.join();
-    events
-}
-
-trait TakeWhileInclusive: Iterator<Item = Event> + Sized {
-    fn take_while_inclusive(self) -> impl Iterator<Item = Event> {
-        let mut done = false;
-        self.take_while(move |e| {
-            let go = !done;
-            done |= e.is_terminal();
-            go
-        })
-    }
-}
-impl<I: Iterator<Item = Event>> TakeWhileInclusive for I {}
 
 fn tensors(path: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
@@ -77,13 +17,6 @@ fn tensors(path: &Path) -> HashMap<String, Tensor> {
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     common::sd_tiny::max_abs(&(a - b).unwrap())
-}
-
-fn finished(events: &[Event]) -> (u64, bool) {
-    match events.last().unwrap() {
-        Event::Finished { step, stopped, .. } => (*step, *stopped),
-        other => panic!("the run did not finish: {other:?}\n{events:#?}"),
-    }
 }
 
 #[test]

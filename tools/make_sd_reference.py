@@ -17,7 +17,9 @@ Writes, for the families ``sd1`` (SD 1.x shaped, epsilon prediction) and ``sd2v`
 and, when ``<family>/lora_ours.safetensors`` exists (a LoRA file written by *our* ``save_kohya``, by the
 ignored Rust test ``write_lora_ours_fixture`` in tests/lora_roundtrip.rs; it is kept, not rewritten), loads it
 with diffusers' ``load_lora_weights``, checks that every module of the file got an adapter with the file's
-tensors and scale and nothing was left over, and records ``ours.*`` references with it loaded.
+tensors and scale and nothing was left over, and records ``ours.*`` references with it loaded. The sd1 engine
+LoRA fixture (``lora_engine.safetensors``, ``engine_reference.safetensors``, ``engine_check.json``: made after
+this script by tests/engine_lora_diffusers.rs and tools/check_engine_lora.py) is kept as well.
 
 plus ``tests/fixtures/sd_tiny/README.md`` describing all of it.
 
@@ -80,6 +82,8 @@ CFG = 3.0
 STEPS = 4
 LORA_RANK = 4
 OURS_FILE = "lora_ours.safetensors"  # written by our Rust save_kohya (tests/lora_roundtrip.rs), read here
+# sd1 only, made after this script (tests/engine_lora_diffusers.rs, then tools/check_engine_lora.py), not by it
+ENGINE_FILES = ("lora_engine.safetensors", "engine_reference.safetensors", "engine_check.json")
 OURS_ADAPTER = "ours"
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -745,19 +749,22 @@ def build_family(name: str, fam: dict, out_root: Path, log) -> dict:
     torch.manual_seed(seed)
     fdir = out_root / name
     # lora_ours.safetensors is an input (written by our Rust code), not an output: keep it across the rewrite.
-    # With --out elsewhere it is taken from the committed fixtures.
-    ours_bytes = None
-    for cand in (fdir / OURS_FILE, DEFAULT_OUT / name / OURS_FILE):
-        if cand.is_file():
-            ours_bytes = cand.read_bytes()
-            log(f"[{name}] using {cand}")
-            break
+    # So are the engine LoRA fixture files (ENGINE_FILES), which are made from this script's models and
+    # references afterwards. With --out elsewhere they are taken from the committed fixtures.
+    kept = {}
+    for fname in (OURS_FILE, *ENGINE_FILES):
+        for cand in (fdir / fname, DEFAULT_OUT / name / fname):
+            if cand.is_file():
+                kept[fname] = cand.read_bytes()
+                log(f"[{name}] using {cand}")
+                break
+    ours_bytes = kept.get(OURS_FILE)
     if fdir.exists():
         shutil.rmtree(fdir)
     ddir = fdir / "diffusers"
     ddir.mkdir(parents=True)
-    if ours_bytes is not None:
-        (fdir / OURS_FILE).write_bytes(ours_bytes)
+    for fname, data in kept.items():
+        (fdir / fname).write_bytes(data)
 
     # ---- tokenizer
     tok_dir = ddir / "tokenizer"
@@ -1328,6 +1335,7 @@ scheduler timesteps/sigmas, LoRA module list, tensor shapes).
 | `lora_kohya.safetensors` | rank-4 LoRA, kohya keys `lora_unet_<module with . -> _>.{{lora_down.weight,lora_up.weight,alpha}}`, `ss_*` metadata |
 | `lora_peft.safetensors` | the same LoRA as diffusers/PEFT keys `unet.<module>.lora_A.weight` / `lora_B.weight`; **`lora_B` has alpha/rank baked in** (load with scale 1, no alpha keys) |
 | `lora_ours.safetensors` | **written by our Rust `save_kohya`** (f32, `ss_*`/`modelspec.*` metadata, `sshs_*` hashes), not by this script: rank 4, seeded `down` and `up` ~U(-0.1, 0.1), on UNet and text encoder (see "Our LoRA file" below) |
+| `lora_engine.safetensors`, `engine_reference.safetensors`, `engine_check.json` | sd1 only, **not written by this script** (kept when it rewrites the folder): the final LoRA file of a 6-step run of **our training engine** on this model (`network.targets = "all"`: attention, feed-forward and proj_in/proj_out of every transformer and every layer of the resnets and resamplers, the 3x3 convs as LoCon with rank 2 alpha 4, everything else rank 4 alpha 2; text encoder trained; 91 modules, f32, the engine's `ss_*`/`modelspec.*` metadata), written by `write_lora_engine_fixture` in tests/engine_lora_diffusers.rs; then tools/check_engine_lora.py loads it with `load_lora_weights` (same checks as `lora_ours`) and writes `engine.unet_out` [2, 4, 16, 16] / `engine.te_last` [2, 77, 32] (UNet on the `unet.*` inputs, text encoder on `te.input_ids`, LoRA at scale 1) and the load check (adapters per network, warnings, metadata keys, the file's SHA-256) |
 | `fixture.json` | all configs and conventions (machine-readable) |
 
 ### Tokenizer

@@ -372,6 +372,16 @@ impl<'a> Trainer<'a> {
         )
     }
 
+    /// Whole epochs trained (the counter moves on only when the next batch is drawn, so an epoch whose last
+    /// batch has just been used counts as done here).
+    fn epochs_done(&self) -> u64 {
+        let (epoch, batches) = &self.epoch_batches;
+        let finished = *epoch == self.counters.epoch
+            && !batches.is_empty()
+            && self.counters.batch_in_epoch == batches.len();
+        self.counters.epoch + u64::from(finished)
+    }
+
     /// The next batch of the data order (moving to the next epoch when one ends).
     fn next_batch(&mut self) -> Result<Vec<super::data::Sample>, Failure> {
         loop {
@@ -810,7 +820,7 @@ impl<'a> Trainer<'a> {
             training_started_at: self.started_at,
             saved_at: SystemTime::now(),
             steps: self.counters.step,
-            epoch: self.counters.epoch,
+            epoch: self.epochs_done(),
             learning_rate: c.optimizer.lr,
             resolution: (c.dataset.resolution, c.dataset.resolution),
             num_train_images: self
