@@ -5,6 +5,8 @@
 # preset, while ballast.py holds all but the preset's card size of the GPU. Needs dist/lora-studio.xz and .bench/
 # (ballast.py, the diffusers wheel, ds/). Results go to $OUT.
 #   bash tools/gpu_train.sh sd15-6gb:5.5 sd15-8gb:7.5      (preset:GiB left free; the model is made once per machine)
+# Env: RUN_TIMEOUT (seconds per run, default 280), EXTRA_ARGS (more `train` arguments, e.g. "--set training.recompute=true"),
+#      TAG (appended to the output names, to keep several variants of one preset apart).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 BIN=/tmp/lora-studio
@@ -19,15 +21,16 @@ if [ ! -f /tmp/sd15/model_index.json ]; then
   echo "model made in ${SECONDS}s" >> "$OUT/make_model.log"
 fi
 prove() { # preset leave_gib
-  local preset=$1 leave=$2
+  local preset=$1 leave=$2 name=$1${TAG:-}
   SECONDS=0
-  timeout 280 python3 .bench/ballast.py --leave-gib "$leave" -- "$BIN" train --json --preset "$preset" \
-    --model /tmp/sd15 --dataset .bench/ds --output "/tmp/run-$preset" --name "$preset" --steps 200 \
-    --sample-every 50 --save-every 100 --sample-prompt "zkcircles, colorful circles" \
-    > "$OUT/train-$preset.jsonl" 2> "$OUT/train-$preset.log"
-  echo "exit $? after ${SECONDS}s" >> "$OUT/train-$preset.log"
-  ls -la "/tmp/run-$preset" "/tmp/run-$preset/samples" >> "$OUT/train-$preset.log" 2>&1
-  cp "/tmp/run-$preset/samples/"*step000200* "$OUT/" 2>/dev/null
+  # shellcheck disable=SC2086  # EXTRA_ARGS is a list of words
+  timeout "${RUN_TIMEOUT:-280}" python3 .bench/ballast.py --leave-gib "$leave" -- "$BIN" train --json --preset "$preset" \
+    --model /tmp/sd15 --dataset .bench/ds --output "/tmp/run-$name" --name "$name" --steps 200 \
+    --sample-every 50 --save-every 100 --sample-prompt "zkcircles, colorful circles" ${EXTRA_ARGS:-} \
+    > "$OUT/train-$name.jsonl" 2> "$OUT/train-$name.log"
+  echo "exit $? after ${SECONDS}s" >> "$OUT/train-$name.log"
+  ls -la "/tmp/run-$name" "/tmp/run-$name/samples" >> "$OUT/train-$name.log" 2>&1
+  cp "/tmp/run-$name/samples/"*step000200* "$OUT/" 2>/dev/null
 }
 for spec in "$@"; do prove "${spec%%:*}" "${spec##*:}"; done
 tar -C /tmp/jit -czf "$OUT/jitcache.tar.gz" .
