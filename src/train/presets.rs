@@ -184,7 +184,7 @@ mod tests {
         let twelve = presets.iter().find(|p| p.name == "sd15-12gb").unwrap();
         assert_eq!(six.info.card_gib, 6.0);
         let (a, b) = (six.config().unwrap(), twelve.config().unwrap());
-        assert!(a.training.recompute && !b.training.recompute);
+        assert_ne!(a.network.targets, b.network.targets);
         assert!(a.training.batch_size < b.training.batch_size);
         assert!(find("sd15-8gb").is_ok());
         let e = find("sd15-4gb").unwrap_err();
