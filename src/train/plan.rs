@@ -2,7 +2,7 @@
 //! the device memory the run needs. The engine builds its run from the same functions, so the plan the GUI shows
 //! is the plan that runs.
 
-use super::config::TrainConfig;
+use super::config::{Targets, TrainConfig};
 use super::data::DataPlan;
 use super::events::Plan;
 use super::failure::Failure;
@@ -222,7 +222,8 @@ impl MemoryEstimate {
 
 /// Estimates device memory from the UNet's size and the largest bucket, calibrated on SD 1.5 measurements
 /// (docs/BENCHMARKS.md: 512 px, bf16, H200): activations per sample 0.5 GiB with recompute and 1.9 GiB without,
-/// scaling with pixels and with the UNet's width.
+/// scaling with pixels and with the UNet's width, and by 4/3 with LoCon convs (they keep every conv's input;
+/// the 12 GB preset's proof measured 4.6 GiB at batch 4 with recompute, and ran out of 11.5 GiB without).
 pub fn estimate_memory(
     unet_params: u64,
     compute_bytes: u64,
@@ -234,8 +235,16 @@ pub fn estimate_memory(
     let per_sample_512 = if config.training.recompute { 0.5 } else { 1.9 } * GIB;
     let pixel_scale = largest_bucket_pixels as f64 / (512.0 * 512.0);
     let width_scale = (unet_params as f64 / sd15_params).sqrt();
-    let activations =
-        (per_sample_512 * pixel_scale * width_scale * f64::from(config.training.batch_size)) as u64;
+    let targets_scale = if config.network.targets == Targets::All {
+        4.0 / 3.0
+    } else {
+        1.0
+    };
+    let activations = (per_sample_512
+        * pixel_scale
+        * width_scale
+        * targets_scale
+        * f64::from(config.training.batch_size)) as u64;
     // Adapters, gradients and AdamW moments (f32, four copies), about rank/16 × 13 MB on SD 1.5.
     let adapters = (unet_params as f64 / sd15_params * f64::from(config.network.rank) / 16.0
         * 13e6
@@ -367,4 +376,39 @@ fn folder_of(scan: &Scan, path: &Path) -> String {
                 .file_name()
                 .map_or_else(|| ".".into(), |n| n.to_string_lossy().into_owned())
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::presets;
+
+    const SD15_UNET: u64 = 860_000_000;
+
+    fn card(gib: f64) -> u64 {
+        (gib * GIB) as u64
+    }
+
+    fn preset(name: &str) -> TrainConfig {
+        presets::find(name).unwrap().config().unwrap()
+    }
+
+    /// Against the GPU proofs (docs/BENCHMARKS.md): every SD 1.5 preset fits the card it names at its largest
+    /// bucket, and the 12 GB preset without recompute — which ran out of 11.5 GiB — is warned about.
+    #[test]
+    fn the_estimate_agrees_with_the_preset_proofs() {
+        let bucket = 640 * 384;
+        for (name, gib) in [("sd15-6gb", 6.0), ("sd15-8gb", 8.0), ("sd15-12gb", 12.0)] {
+            let c = preset(name);
+            let m = estimate_memory(SD15_UNET, 2, &c, bucket);
+            assert_eq!(m.advice(card(gib), &c), None, "{name}: {m:?}");
+        }
+        let mut c = preset("sd15-12gb");
+        c.training.recompute = false;
+        let m = estimate_memory(SD15_UNET, 2, &c, bucket);
+        let advice = m
+            .advice(card(12.0), &c)
+            .expect("no-recompute batch 4 with LoCon is over 12 GB");
+        assert!(advice.contains("training.recompute"), "{advice}");
+    }
 }
