@@ -2,38 +2,16 @@
 
 mod common;
 
+use common::gui::{harness, wait_for};
+
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::Queryable;
 use lora_studio::app::{AppState, LoraStudioApp};
-use std::time::{Duration, Instant};
-
-fn harness(state: AppState) -> Harness<'static, LoraStudioApp> {
-    Harness::builder()
-        .with_size([1280.0, 820.0])
-        .build_eframe(move |cc| LoraStudioApp::new(&cc.egui_ctx, state))
-}
-
-/// Steps frames until `done` holds (background threads deliver between frames), failing after 60 s.
-fn wait_for(
-    h: &mut Harness<'static, LoraStudioApp>,
-    what: &str,
-    done: impl Fn(&mut LoraStudioApp) -> bool,
-) {
-    let start = Instant::now();
-    while !done(h.state_mut()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    h.run_steps(2);
-}
+use std::time::Duration;
 
 fn settle(h: &mut Harness<'static, LoraStudioApp>) {
-    wait_for(h, "the dataset checks", |app| {
+    wait_for(h, "the dataset checks", 60, |app| {
         let d = app.dataset();
         !d.is_busy() && d.report().is_some()
     });
@@ -129,7 +107,9 @@ fn a_wrong_path_is_explained_and_the_last_dataset_reopens() {
     field.type_text("/no/such/dataset");
     h.run_steps(4);
     h.get_by_label("Open").click();
-    wait_for(&mut h, "the error", |app| app.dataset().error().is_some());
+    wait_for(&mut h, "the error", 60, |app| {
+        app.dataset().error().is_some()
+    });
     assert!(
         h.state_mut()
             .dataset()
@@ -164,11 +144,11 @@ fn snapshots_of_the_dataset_workspace() {
         .push(root.to_string_lossy().into_owned());
     let mut h = harness(state);
     settle(&mut h);
-    wait_for(&mut h, "thumbnails", |app| {
+    wait_for(&mut h, "thumbnails", 60, |app| {
         app.dataset().thumbnails_loaded() >= 12
     });
     h.get_by_role_and_label(Role::Button, "good1.png").click();
-    wait_for(&mut h, "the preview", |_| true);
+    wait_for(&mut h, "the preview", 60, |_| true);
     std::thread::sleep(Duration::from_millis(300));
     h.run_steps(5);
     h.snapshot("dataset_image");

@@ -4,37 +4,13 @@
 
 mod common;
 
+use common::gui::{harness, wait_for};
+
 use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
 use lora_studio::app::{AppState, LoraStudioApp};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-fn harness(state: AppState) -> Harness<'static, LoraStudioApp> {
-    Harness::builder()
-        .with_size([1280.0, 820.0])
-        .build_eframe(move |cc| LoraStudioApp::new(&cc.egui_ctx, state))
-}
-
-/// Steps frames until `done` holds (background threads deliver between frames), failing after `secs`.
-fn wait_for(
-    h: &mut Harness<'static, LoraStudioApp>,
-    what: &str,
-    secs: u64,
-    done: impl Fn(&mut LoraStudioApp) -> bool,
-) {
-    let start = Instant::now();
-    while !done(h.state_mut()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}"
-        );
-        h.step();
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    h.run_steps(2);
-}
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();

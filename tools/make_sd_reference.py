@@ -67,6 +67,8 @@ from diffusers import (  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
+import tiny_clip_tokenizer  # noqa: E402  (tools/, the script's own folder)
+
 transformers.logging.set_verbosity_error()
 diffusers.logging.set_verbosity_error()
 
@@ -159,68 +161,8 @@ LORA_TARGETS = [
 # --------------------------------------------------------------------------------------
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """The byte->unicode table of GPT-2/CLIP BPE (same order as CLIP's vocabulary)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-def build_tiny_clip_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """CLIP layout: 256 byte chars, the same with </w>, merges, then <|startoftext|>, <|endoftext|>."""
-    base = list(bytes_to_unicode().values())
-    vocab_list = base + [b + "</w>" for b in base]
-    merges: list[tuple[str, str]] = []
-    seen = set(vocab_list)
-    for w in words:
-        syms = list(w[:-1]) + [w[-1] + "</w>"]
-        while len(syms) > 1:
-            a, b = syms[0], syms[1]
-            if (a, b) not in merges:
-                merges.append((a, b))
-            tok = a + b
-            if tok not in seen:
-                seen.add(tok)
-                vocab_list.append(tok)
-            syms = [tok] + syms[2:]
-    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(vocab_list)}, merges
-
-
 def write_tokenizer(folder: Path, pad_token: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    # longest words first: their merge chains then outrank the short words' merges, so every word is one token
-    words = sorted(set(EXTRA_WORDS + PROMPT.replace(",", " ").split()), key=lambda w: (-len(w), w))
-    vocab, merges = build_tiny_clip_vocab(words)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-    with open(folder / "merges.txt", "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n")
-        for a, b in merges:
-            f.write(f"{a} {b}\n")
-    special = {
-        "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-        "pad_token": pad_token,
-    }
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    cfg = dict(special)
-    cfg.update(
-        {
-            "tokenizer_class": "CLIPTokenizer",
-            "model_max_length": MAX_LEN,
-            "do_lower_case": True,
-            "errors": "replace",
-            "add_prefix_space": False,
-        }
-    )
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    tiny_clip_tokenizer.write_tokenizer(folder, EXTRA_WORDS + PROMPT.replace(",", " ").split(), pad_token, MAX_LEN)
 
 
 # --------------------------------------------------------------------------------------

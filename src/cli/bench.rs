@@ -45,15 +45,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Train(args) => super::bench_train::run(&args),
         BenchCommand::GuiTrain { max_frames, json } => {
             let result = gui_train_bench(max_frames)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?
-                );
-            } else {
-                print!("{}", result.table());
-            }
-            Ok(ExitCode::SUCCESS)
+            print_result(&result, json, result.table())
         }
         BenchCommand::Dataset {
             images,
@@ -78,17 +70,24 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
                 }
             };
             let result = dataset_bench(&dir, frames)?;
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&result).map_err(|e| e.to_string())?
-                );
-            } else {
-                print!("{}", result.table());
-            }
-            Ok(ExitCode::SUCCESS)
+            print_result(&result, json, result.table())
         }
     }
+}
+
+/// Prints a benchmark's result as pretty JSON or as its table.
+fn print_result(
+    result: &impl serde::Serialize,
+    json: bool,
+    table: String,
+) -> Result<ExitCode, String> {
+    if json {
+        let text = serde_json::to_string_pretty(result).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else {
+        print!("{table}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(serde::Serialize)]

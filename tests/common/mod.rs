@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod engine;
+pub mod gui;
 pub mod sd_tiny;
 
 use image::{DynamicImage, ImageFormat, Rgba, RgbaImage};
