@@ -40,7 +40,7 @@ fn engine_file() -> PathBuf {
 
 /// The run: every UNet target the engine has (attention, feed-forward, LoCon on the resnets and resamplers, with
 /// their own rank and alpha) and the text encoder trained, at a learning rate high enough that the adapters (whose
-/// `up` starts at zero) clearly move in a few steps. `network.dropout` stays 0 (the engine refuses anything else).
+/// `up` starts at zero) clearly move in a few steps. `network.dropout` stays 0: this fixture is about the file.
 fn engine_config(data: &Path, out: &Path) -> TrainConfig {
     let name = format!("saving.output_name=\"{NAME}\"");
     let rank = format!("network.rank={RANK}");

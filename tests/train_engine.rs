@@ -212,13 +212,45 @@ fn the_loss_falls_when_overfitting_one_image() {
     assert!(tuned < 0.8 * base, "base {base}, tuned {tuned}");
 }
 
+/// `network.dropout` reaches the training forward: the same run with it on trains a different adapter.
+#[test]
+fn adapter_dropout_changes_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data, 3);
+    let mut finals = Vec::new();
+    for (name, p) in [("plain", "0.0"), ("dropout", "0.5")] {
+        let out = dir.path().join(name);
+        let set = format!("network.dropout={p}");
+        assert_eq!(
+            finished(&run(
+                config(&data, &out, 3, &[&set]),
+                StartOptions::default()
+            )),
+            (3, false)
+        );
+        finals.push(tensors(&out.join("t.safetensors")));
+    }
+    let diff = finals[0]
+        .iter()
+        .map(|(k, a)| max_diff(a, &finals[1][k]))
+        .fold(0f32, f32::max);
+    assert!(
+        diff > 1e-6,
+        "dropout 0.5 trained the same adapter (max diff {diff})"
+    );
+}
+
 #[test]
 fn resume_gives_the_same_adapter_as_an_uninterrupted_run() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     dataset(&data, 5);
-    // Varied captions through a trained text encoder, mirroring, accumulation and a schedule: all must resume.
+    // Varied captions through a trained text encoder, mirroring, accumulation, a schedule, and adapter dropout
+    // under recompute (whose repeated forward must draw the same masks): all must resume.
     let extra = [
+        "network.dropout=0.2",
+        "training.recompute=true",
         "dataset.shuffle_caption=true",
         "dataset.flip=true",
         "optimizer.gradient_accumulation=2",

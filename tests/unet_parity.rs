@@ -5,6 +5,7 @@ mod common;
 use common::sd_tiny::{fixture, max_abs, reference};
 
 use candle_core::{DType, Device, Tensor};
+use lora_studio::model::layers::with_dropout_key;
 use lora_studio::model::unet::{UNet, UNetConfig, UNetOptions};
 use lora_studio::model::weights::MemoryWeights;
 use rand::{Rng, SeedableRng};
@@ -64,58 +65,70 @@ fn matches_diffusers_sd1_and_sd2v() {
 }
 
 /// Every adapter parameter — LoRA on every linear and 1×1 conv, LoCon on every 3×3 conv — receives a finite,
-/// non-zero gradient, and recompute gives the same gradients as keeping activations.
+/// non-zero gradient, and recompute gives the same gradients as keeping activations, also with adapter dropout
+/// (whose masks the recomputed forward must draw again exactly).
 #[test]
 fn every_adapter_gets_a_gradient_with_and_without_recompute() {
     let r = reference("sd1");
-    let mut grads_by_mode = Vec::new();
-    for recompute in [false, true] {
-        let mut unet = load_unet(
-            "sd1",
-            UNetOptions {
-                recompute,
-                ..Default::default()
-            },
-        );
-        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let mut vars = Vec::new();
-        for layer in unet.layers_mut().unwrap() {
-            let path = layer.path.clone();
-            let a = layer.add_adapter(2, 2.0, &mut rng).unwrap();
-            // Start `up` away from zero, or `down` could not receive a gradient.
-            let n = a.up.elem_count();
-            let values: Vec<f32> = (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect();
-            let noise = Tensor::from_vec(values, a.up.shape(), &Device::Cpu).unwrap();
-            a.up.set(&noise).unwrap();
-            vars.push((path, a.down.clone(), a.up.clone()));
+    for dropout in [0.0, 0.3] {
+        let mut grads_by_mode = Vec::new();
+        for recompute in [false, true] {
+            grads_by_mode.push(adapter_gradients(&r, recompute, dropout));
         }
-        let out = run(&unet, &r);
+        for (a, b) in grads_by_mode[0].iter().zip(&grads_by_mode[1]) {
+            let err = max_abs(&(a - b).unwrap());
+            assert!(
+                err <= 1e-5 * max_abs(a).max(1e-3),
+                "dropout {dropout}: recompute changes a gradient by {err}"
+            );
+        }
+    }
+}
+
+/// The gradients of every adapter on every layer (seeded, `up` away from zero) for one forward and backward.
+fn adapter_gradients(r: &HashMap<String, Tensor>, recompute: bool, dropout: f64) -> Vec<Tensor> {
+    let mut unet = load_unet(
+        "sd1",
+        UNetOptions {
+            recompute,
+            ..Default::default()
+        },
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let mut vars = Vec::new();
+    for layer in unet.layers_mut().unwrap() {
+        let path = layer.path.clone();
+        layer.add_adapter(2, 2.0, &mut rng).unwrap();
+        let a = layer.adapters.last_mut().unwrap();
+        a.dropout = dropout;
+        // Start `up` away from zero, or `down` could not receive a gradient.
+        let n = a.up.elem_count();
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+        let noise = Tensor::from_vec(values, a.up.shape(), &Device::Cpu).unwrap();
+        a.up.set(&noise).unwrap();
+        vars.push((path, a.down.clone(), a.up.clone()));
+    }
+    let grads = with_dropout_key(7, || {
+        let out = run(&unet, r);
         let loss = out.sqr().unwrap().mean_all().unwrap();
-        let grads = unet.backward(&loss).unwrap();
-        let mut collected = Vec::new();
-        for (path, down, up) in &vars {
-            for (what, v) in [("down", down), ("up", up)] {
-                let g = grads.get(v).unwrap_or_else(|| {
-                    panic!("recompute={recompute}: no gradient for {path}.{what}")
-                });
-                let m = max_abs(g);
-                assert!(
-                    m.is_finite() && m > 0.0,
-                    "recompute={recompute}: {path}.{what} gradient {m}"
-                );
-                collected.push(g.clone());
-            }
+        unet.backward(&loss).unwrap()
+    });
+    let mut collected = Vec::new();
+    for (path, down, up) in &vars {
+        for (what, v) in [("down", down), ("up", up)] {
+            let g = grads
+                .get(v)
+                .unwrap_or_else(|| panic!("recompute={recompute}: no gradient for {path}.{what}"));
+            let m = max_abs(g);
+            assert!(
+                m.is_finite() && m > 0.0,
+                "recompute={recompute} dropout={dropout}: {path}.{what} gradient {m}"
+            );
+            collected.push(g.clone());
         }
-        assert!(vars.len() > 40, "all layers adapted: {}", vars.len());
-        grads_by_mode.push(collected);
     }
-    for (a, b) in grads_by_mode[0].iter().zip(&grads_by_mode[1]) {
-        let err = max_abs(&(a - b).unwrap());
-        assert!(
-            err <= 1e-5 * max_abs(a).max(1e-3),
-            "recompute changes a gradient by {err}"
-        );
-    }
+    assert!(vars.len() > 40, "all layers adapted: {}", vars.len());
+    collected
 }
 
 /// A kohya and a PEFT LoRA file, attached unmerged or merged, give diffusers' output with the LoRA merged.
@@ -185,6 +198,7 @@ fn trained_adapters_round_trip_through_a_kohya_file() {
             |l| unet_slot(l, targets),
             (4, 2.0),
             (2, 1.0),
+            0.0,
             &mut rng,
         )
         .unwrap();

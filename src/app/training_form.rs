@@ -225,9 +225,9 @@ pub fn advanced(ui: &mut Ui, c: &mut TrainConfig) -> bool {
         ch |= form_drag(
             ui,
             "Network dropout",
-            "Dropout on the adapter input, against overfitting. Usually 0-0.1.",
+            "Dropout inside each adapter while training (kohya's network_dropout), against overfitting. Usually 0-0.1.",
             &mut c.network.dropout,
-            0.0..=0.99,
+            0.0..=0.85,
             0.005,
         );
         ch |= form_sci(

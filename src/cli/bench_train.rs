@@ -173,7 +173,7 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
         attn.then_some(Slot::Linear)
     };
     let lora = (args.rank, args.rank as f64);
-    let trained = Trainable::attach(unet.layers_mut()?, attention, lora, lora, &mut rng)?;
+    let trained = Trainable::attach(unet.layers_mut()?, attention, lora, lora, 0.0, &mut rng)?;
     let (vars, adapters) = (trained.vars(), trained.adapters.len());
     let mut opt = Optimizer::new(
         OptimizerKind::AdamW,

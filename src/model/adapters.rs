@@ -61,6 +61,7 @@ pub fn attach(
                     up: var(&m.up)?,
                     alpha: f64::from(m.alpha),
                     multiplier,
+                    dropout: 0.0,
                 });
             }
         }
@@ -104,12 +105,14 @@ pub struct Trainable {
 }
 
 impl Trainable {
-    /// Adds a fresh adapter to every layer `slot` picks, with (rank, alpha) for linear and conv slots.
+    /// Adds a fresh adapter to every layer `slot` picks, with (rank, alpha) for linear and conv slots and
+    /// `dropout` on all of them.
     pub fn attach(
         layers: Vec<&mut Adaptable>,
         slot: impl Fn(&Adaptable) -> Option<Slot>,
         linear: (usize, f64),
         conv: (usize, f64),
+        dropout: f64,
         rng: &mut impl rand::Rng,
     ) -> Result<Trainable> {
         let mut adapters = Vec::new();
@@ -119,8 +122,10 @@ impl Trainable {
                 Some(Slot::Conv) => conv,
                 None => continue,
             };
-            let lora = layer.add_adapter(rank, alpha, rng)?.clone();
-            adapters.push((layer.path.clone(), lora));
+            layer.add_adapter(rank, alpha, rng)?;
+            let lora = layer.adapters.last_mut().expect("just added");
+            lora.dropout = dropout;
+            adapters.push((layer.path.clone(), lora.clone()));
         }
         Ok(Trainable { adapters })
     }

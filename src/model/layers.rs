@@ -159,6 +159,51 @@ pub struct Lora {
     pub up: Var,
     pub alpha: f64,
     pub multiplier: f64,
+    /// Dropout on the down projection's output (kohya's `network_dropout`), applied only inside
+    /// [`with_dropout_key`].
+    pub dropout: f64,
+}
+
+thread_local! {
+    static DROPOUT_KEY: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` (a training forward and its backward) with adapter dropout on. The masks are a function of `key`,
+/// the layer and the adapter only, so the forward that recompute repeats inside the backward draws the same
+/// masks, and a resumed run the same as the uninterrupted one. Outside it (sampling, inference) there is none.
+pub fn with_dropout_key<T>(key: u64, f: impl FnOnce() -> T) -> T {
+    let before = DROPOUT_KEY.replace(Some(key));
+    let out = f();
+    DROPOUT_KEY.set(before);
+    out
+}
+
+/// Inverted dropout of `h`: each element kept with probability 1 − p and scaled by 1 / (1 − p). The mask is
+/// drawn on the host from (key, salt), so it is the same on every device.
+fn dropout(h: &Tensor, p: f64, salt: u64) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    let Some(key) = DROPOUT_KEY.get() else {
+        return Ok(h.clone());
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(key);
+    rng.set_stream(salt);
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..h.elem_count())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    let mask = Tensor::from_vec(mask, h.shape(), &Device::Cpu)?
+        .to_device(h.device())?
+        .to_dtype(h.dtype())?;
+    h.mul(&mask)
+}
+
+/// A stable number for a layer path and adapter index (FNV-1a), to tell the layers' dropout masks apart.
+fn dropout_salt(path: &str, index: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.bytes().chain((index as u64).to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
 }
 
 impl Lora {
@@ -170,17 +215,22 @@ impl Lora {
         self.multiplier * self.alpha / self.rank().max(1) as f64
     }
 
-    fn forward(&self, x: &Tensor, shape: AdapterShape) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, shape: AdapterShape, salt: u64) -> Result<Tensor> {
         let dt = x.dtype();
         let down = self.down.as_tensor().to_dtype(dt)?;
         let up = self.up.as_tensor().to_dtype(dt)?;
-        let y = match shape {
-            AdapterShape::Linear => x.matmul(&down.t()?)?.matmul(&up.t()?)?,
+        let mut h = match shape {
+            AdapterShape::Linear => x.matmul(&down.t()?)?,
             AdapterShape::Conv {
                 stride, padding, ..
-            } => x
-                .conv2d(&down, padding, stride, 1, 1)?
-                .conv2d(&up, 0, 1, 1, 1)?,
+            } => x.conv2d(&down, padding, stride, 1, 1)?,
+        };
+        if self.dropout > 0.0 {
+            h = dropout(&h, self.dropout, salt)?;
+        }
+        let y = match shape {
+            AdapterShape::Linear => h.matmul(&up.t()?)?,
+            AdapterShape::Conv { .. } => h.conv2d(&up, 0, 1, 1, 1)?,
         };
         y.affine(self.scale(), 0.0)
     }
@@ -237,8 +287,8 @@ impl Adaptable {
                     self.bias.as_ref(),
                     self.shape,
                 )?;
-                for a in &self.adapters {
-                    y = (y + a.forward(&x2, self.shape)?)?;
+                for (i, a) in self.adapters.iter().enumerate() {
+                    y = (y + a.forward(&x2, self.shape, dropout_salt(&self.path, i))?)?;
                 }
                 let mut out_dims = lead.to_vec();
                 out_dims.push(self.out_features());
@@ -248,8 +298,8 @@ impl Adaptable {
                 let mut y = frozen_base(x, &self.weight, self.bias.as_ref(), self.shape)?;
                 let (b, _, h, w) = y.dims4()?;
                 count_flops(2 * b * h * w * self.weight.elem_count());
-                for a in &self.adapters {
-                    y = (y + a.forward(x, self.shape)?)?;
+                for (i, a) in self.adapters.iter().enumerate() {
+                    y = (y + a.forward(x, self.shape, dropout_salt(&self.path, i))?)?;
                 }
                 Ok(y)
             }
@@ -286,6 +336,7 @@ impl Adaptable {
             up,
             alpha,
             multiplier: 1.0,
+            dropout: 0.0,
         });
         Ok(self.adapters.last().expect("just pushed"))
     }
@@ -504,6 +555,38 @@ pub fn attention(
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// Masks depend only on (key, layer, adapter): the same key repeats them, another key changes them,
+    /// outside a key there is no dropout, and the kept fraction and scale keep the expected value.
+    #[test]
+    fn dropout_masks_are_keyed_and_unbiased() {
+        let h = Tensor::ones((64, 32), DType::F32, &Device::Cpu).unwrap();
+        let salt = dropout_salt("down_blocks.0.attn1.to_q", 0);
+        let outside = dropout(&h, 0.25, salt).unwrap();
+        assert_eq!(
+            outside.to_vec2::<f32>().unwrap(),
+            h.to_vec2::<f32>().unwrap()
+        );
+        let a = with_dropout_key(1, || dropout(&h, 0.25, salt).unwrap());
+        let again = with_dropout_key(1, || dropout(&h, 0.25, salt).unwrap());
+        let other_key = with_dropout_key(2, || dropout(&h, 0.25, salt).unwrap());
+        let other_layer = with_dropout_key(1, || {
+            dropout(&h, 0.25, dropout_salt("down_blocks.0.attn1.to_k", 0)).unwrap()
+        });
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&a), v(&again));
+        assert_ne!(v(&a), v(&other_key));
+        assert_ne!(v(&a), v(&other_layer));
+        let zeros = v(&a).iter().filter(|x| **x == 0.0).count() as f64 / 2048.0;
+        assert!((zeros - 0.25).abs() < 0.04, "dropped fraction {zeros}");
+        let mean = v(&a).iter().sum::<f32>() / 2048.0;
+        assert!((mean - 1.0).abs() < 0.06, "mean {mean}");
+        assert!(
+            v(&a)
+                .iter()
+                .all(|x| *x == 0.0 || (*x - 4.0 / 3.0).abs() < 1e-6)
+        );
+    }
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);

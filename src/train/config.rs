@@ -125,7 +125,7 @@ pub struct NetworkConfig {
     /// Rank and alpha of the LoCon convolution adapters (targets = "all").
     pub conv_rank: u32,
     pub conv_alpha: f64,
-    /// Dropout on the adapter (not supported yet: must be 0).
+    /// Dropout on the adapters' down-projection output while training (kohya's `network_dropout`).
     pub dropout: f64,
     /// Start from an existing LoRA instead of fresh adapters.
     pub init_from: Option<PathBuf>,
@@ -364,11 +364,10 @@ impl TrainConfig {
                 "must be above 0 (usually equal to or half the rank)",
             );
         }
-        if self.network.dropout != 0.0 {
-            // Needs a dropout mask that recompute and resume can reproduce; not built yet.
+        if !(0.0..0.9).contains(&self.network.dropout) {
             return err(
                 "network.dropout",
-                "is not supported yet; set it to 0 (use caption or tag dropout for regularisation)",
+                "must be at least 0 and below 0.9 (usually 0 or 0.1)",
             );
         }
         if !(self.optimizer.lr > 0.0 && self.optimizer.lr < 1.0) {

@@ -16,6 +16,7 @@ use super::step::{LossOptions, diffusion_loss};
 use crate::lora::{BaseModel, ConvLora, LoraMetadata};
 use crate::model::adapters::{Trainable, unet_slot};
 use crate::model::checkpoint::{Family, ModelFiles};
+use crate::model::layers::with_dropout_key;
 use crate::model::text_encoder::TextEncoder;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet, UNetOptions};
@@ -416,9 +417,10 @@ impl<'a> Trainer<'a> {
         for micro in 0..k {
             let batch = self.next_batch()?;
             let mut rng = step_rng(self.config.training.seed, self.counters.step, micro);
-            let (loss, g) = self
-                .micro_step(&batch, &mut rng, scale / k as f64)
-                .map_err(|e| self.failure("training", e))?;
+            let key = dropout_key(self.config.training.seed, self.counters.step, micro);
+            let (loss, g) =
+                with_dropout_key(key, || self.micro_step(&batch, &mut rng, scale / k as f64))
+                    .map_err(|e| self.failure("training", e))?;
             loss_sum += loss;
             grads = Some(match grads {
                 None => g,
@@ -943,6 +945,7 @@ fn attach_adapters(unet: &mut UNet, config: &TrainConfig) -> candle_core::Result
         |l| unet_slot(l, n.targets),
         (n.rank as usize, n.alpha),
         (n.conv_rank as usize, n.conv_alpha),
+        n.dropout,
         &mut rng,
     )
 }
@@ -969,6 +972,7 @@ fn trained_text_encoder(
         |_| Some(crate::model::adapters::Slot::Linear),
         (n.rank as usize, n.alpha),
         (n.rank as usize, n.alpha),
+        n.dropout,
         &mut rng,
     )?;
     Ok((encoder, adapters.under("text_encoder")))
@@ -1035,6 +1039,13 @@ fn init_from(path: &std::path::Path, trainable: &Trainable) -> Result<(), String
         return Err("none of its modules matches the adapters of this run (another model family or targets)".into());
     }
     Ok(())
+}
+
+/// The adapter-dropout key of one micro-batch of one step (apart from the step's random stream, so that turning
+/// dropout on changes nothing else).
+fn dropout_key(seed: u64, step: u64, micro: usize) -> u64 {
+    let mut rng = step_rng(seed ^ 0xd80c_0a7e_5eed_0001, step, micro);
+    rng.random()
 }
 
 /// The random stream of one micro-batch of one step: timesteps, noise, latent samples and caption variations.

@@ -161,6 +161,7 @@ mod tests {
             |_| Some(Slot::Linear),
             (2, 2.0),
             (2, 2.0),
+            0.0,
             &mut rng,
         )
         .unwrap();
