@@ -302,13 +302,11 @@ impl DatasetView {
                     let resp = ui
                         .add(egui::DragValue::new(&mut n).range(1..=1000))
                         .labelled_by(l2.id);
-                    resp.widget_info(|| {
-                        egui::WidgetInfo::labeled(
-                            egui::Role::SpinButton,
-                            true,
-                            format!("Repeats of {}", f.name),
-                        )
-                    });
+                    super::widgets::name_widget(
+                        &resp,
+                        egui::Role::SpinButton,
+                        format!("Repeats of {}", f.name),
+                    );
                     if n != f.repeats.count {
                         if let Err(e) =
                             std::sync::Arc::make_mut(&mut l.scan).set_repeats(&f.name, n)

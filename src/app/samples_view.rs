@@ -110,13 +110,11 @@ impl SamplesView {
                             .sense(egui::Sense::click()),
                     )
                     .on_hover_text(format!("Step {step}: {}\n{}", s.prompt, s.path.display()));
-                r.widget_info(|| {
-                    egui::WidgetInfo::labeled(
-                        egui::Role::Button,
-                        true,
-                        format!("Sample step {step} prompt {}", index + 1),
-                    )
-                });
+                super::widgets::name_widget(
+                    &r,
+                    egui::Role::Button,
+                    format!("Sample step {step} prompt {}", index + 1),
+                );
                 if r.clicked() {
                     self.enlarged = Some((step, index));
                 }
@@ -227,13 +225,11 @@ fn saved_files(ui: &mut Ui, run: &Run) {
                     ui.label(if f.final_file { "final" } else { "" });
                     ui.monospace(f.path.display().to_string());
                     let r = ui.small_button("Copy path");
-                    r.widget_info(|| {
-                        egui::WidgetInfo::labeled(
-                            egui::Role::Button,
-                            true,
-                            format!("Copy path {}", i + 1),
-                        )
-                    });
+                    super::widgets::name_widget(
+                        &r,
+                        egui::Role::Button,
+                        format!("Copy path {}", i + 1),
+                    );
                     if r.clicked() {
                         ui.ctx().copy_text(f.path.display().to_string());
                     }

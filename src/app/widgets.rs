@@ -3,6 +3,11 @@
 
 use egui::{Response, TextEdit, Ui};
 
+/// Gives a widget an accessible name of its own (when its visible text is not unique, e.g. a row's button).
+pub fn name_widget(r: &Response, role: egui::Role, name: String) {
+    r.widget_info(|| egui::WidgetInfo::labeled(role, true, name.clone()));
+}
+
 /// A label followed by a single-line text field named by it.
 pub fn labeled_text(ui: &mut Ui, label: &str, value: &mut String, width: f32) -> Response {
     let l = ui.label(label);
