@@ -11,6 +11,7 @@ mod training_form;
 pub mod training_jobs;
 pub mod training_view;
 mod widgets;
+mod workers;
 
 use crate::dataset::BucketConfig;
 use crate::train::data::bucket_config;

@@ -2,9 +2,9 @@
 //! dialogs and opening folders. Each runs on its own thread and reports through one channel; the UI polls it
 //! every frame and never waits.
 
+use super::workers::{Workers, file_dialog};
 use crate::train::config::TrainConfig;
 use crate::train::plan::Preview;
-use crossbeam_channel::{Receiver, Sender, unbounded};
 use std::path::{Path, PathBuf};
 
 /// Why a file dialog was opened.
@@ -54,34 +54,23 @@ pub enum JobEvent {
 }
 
 pub struct Jobs {
-    tx: Sender<JobEvent>,
-    rx: Receiver<JobEvent>,
-    ctx: egui::Context,
+    workers: Workers<JobEvent>,
 }
 
 impl Jobs {
     pub fn new(ctx: &egui::Context) -> Self {
-        let (tx, rx) = unbounded();
         Jobs {
-            tx,
-            rx,
-            ctx: ctx.clone(),
+            workers: Workers::new(ctx),
         }
     }
 
     pub fn events(&self) -> Vec<JobEvent> {
-        self.rx.try_iter().collect()
+        self.workers.events().collect()
     }
 
+    /// Runs `work` on its own thread and reports its one event.
     fn spawn(&self, name: &str, work: impl FnOnce() -> JobEvent + Send + 'static) {
-        let (tx, ctx) = (self.tx.clone(), self.ctx.clone());
-        std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || {
-                let _ = tx.send(work());
-                ctx.request_repaint();
-            })
-            .expect("spawning a worker thread");
+        self.workers.spawn(name, move |report| report.send(work()));
     }
 
     /// Reads the checkpoint's headers (and the VAE's, when one is given) and says what the model is.
@@ -116,10 +105,7 @@ impl Jobs {
     /// Opens a native file dialog on a worker thread (it may block for as long as the user looks at it).
     pub fn pick(&self, purpose: Pick, start_dir: Option<PathBuf>) {
         self.spawn("file-dialog", move || {
-            let mut dialog = rfd::FileDialog::new();
-            if let Some(dir) = start_dir.filter(|d| d.is_dir()) {
-                dialog = dialog.set_directory(dir);
-            }
+            let dialog = file_dialog(start_dir);
             let path = match purpose {
                 Pick::ModelFile | Pick::Vae => dialog
                     .add_filter("Safetensors", &["safetensors"])
