@@ -2,7 +2,7 @@
 
 use super::dataset_jobs::{JobEvent, Jobs, Pick};
 use super::textures::{Slot, TextureCache};
-use super::widgets::labeled_text;
+use super::widgets::{labeled_text, recent_menu};
 use crate::dataset::edit::{self, CaptionEdit};
 use crate::dataset::validate::{Finding, Severity, duplicate_map, findings};
 use crate::dataset::{BucketConfig, Buckets, CaptionStatus, Inspection, Report, Scan, caption};
@@ -590,17 +590,7 @@ impl DatasetView {
             if ui.button("Browse…").clicked() {
                 self.pick(Pick::DatasetFolder);
             }
-            let mut chosen = None;
-            ui.add_enabled_ui(!settings.recent.is_empty(), |ui| {
-                ui.menu_button("Recent", |ui| {
-                    for r in &settings.recent {
-                        if ui.button(r).clicked() {
-                            chosen = Some(PathBuf::from(r));
-                        }
-                    }
-                });
-            });
-            if let Some(path) = chosen {
+            if let Some(path) = recent_menu(ui, "Recent", &settings.recent) {
                 self.open(ui.ctx(), settings, path);
             }
             if ui

@@ -258,6 +258,15 @@ impl Run {
         let seen = self.samples.keys().map(|(_, i)| i + 1).max().unwrap_or(0);
         seen.max(self.config.sampling.prompts.len())
     }
+
+    /// The text of sample prompt `index` (empty when the config no longer has it).
+    pub fn prompt_text(&self, index: usize) -> &str {
+        self.config
+            .sampling
+            .prompts
+            .get(index)
+            .map_or("", |p| p.prompt.as_str())
+    }
 }
 
 /// How the curves are drawn (kept between frames by the Training view).

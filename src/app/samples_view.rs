@@ -72,12 +72,7 @@ impl SamplesView {
                 .show(ui, |ui| {
                     ui.label("");
                     for i in 0..columns {
-                        let prompt = run
-                            .config
-                            .sampling
-                            .prompts
-                            .get(i)
-                            .map_or_else(String::new, |p| p.prompt.clone());
+                        let prompt = run.prompt_text(i);
                         ui.add_sized(
                             [CELL, 20.0],
                             egui::Label::new(
@@ -153,12 +148,7 @@ impl SamplesView {
             .auto_shrink(false)
             .show(ui, |ui| {
                 for i in 0..run.prompt_count() {
-                    let prompt = run
-                        .config
-                        .sampling
-                        .prompts
-                        .get(i)
-                        .map_or_else(String::new, |p| p.prompt.clone());
+                    let prompt = run.prompt_text(i);
                     ui.label(RichText::new(format!("{}. {prompt}", i + 1)).strong());
                     ui.horizontal(|ui| {
                         for step in [left, right] {

@@ -4,7 +4,7 @@
 use super::run_view::{self, CurveOptions, Run};
 use super::training_form;
 use super::training_jobs::{DeviceInfo, JobEvent, Jobs, ModelInfo, Pick};
-use super::widgets::{bytes, duration, labeled_text, path_field};
+use super::widgets::{bytes, duration, labeled_text, path_field, recent_menu};
 use crate::train::Command;
 use crate::train::config::TrainConfig;
 use crate::train::plan::Preview;
@@ -475,17 +475,7 @@ impl TrainingView {
             if ui.button("Folder…").on_hover_text("Choose a diffusers folder").clicked() {
                 self.jobs.pick(Pick::ModelFolder, start);
             }
-            let mut chosen = None;
-            ui.add_enabled_ui(!settings.recent_models.is_empty(), |ui| {
-                ui.menu_button("Recent models", |ui| {
-                    for r in &settings.recent_models {
-                        if ui.button(r).clicked() {
-                            chosen = Some(PathBuf::from(r));
-                        }
-                    }
-                });
-            });
-            if let Some(p) = chosen {
+            if let Some(p) = recent_menu(ui, "Recent models", &settings.recent_models) {
                 settings.config.model.checkpoint = p;
                 changed = true;
             }

@@ -8,6 +8,21 @@ pub fn name_widget(r: &Response, role: egui::Role, name: String) {
     r.widget_info(|| egui::WidgetInfo::labeled(role, true, name.clone()));
 }
 
+/// A menu button listing `recent` paths (disabled when there are none); the one clicked, if any.
+pub fn recent_menu(ui: &mut Ui, label: &str, recent: &[String]) -> Option<std::path::PathBuf> {
+    let mut chosen = None;
+    ui.add_enabled_ui(!recent.is_empty(), |ui| {
+        ui.menu_button(label, |ui| {
+            for r in recent {
+                if ui.button(r).clicked() {
+                    chosen = Some(std::path::PathBuf::from(r));
+                }
+            }
+        });
+    });
+    chosen
+}
+
 /// A label followed by a single-line text field named by it.
 pub fn labeled_text(ui: &mut Ui, label: &str, value: &mut String, width: f32) -> Response {
     let l = ui.label(label);
