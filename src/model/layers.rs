@@ -215,7 +215,9 @@ impl Lora {
         self.multiplier * self.alpha / self.rank().max(1) as f64
     }
 
-    fn forward(&self, x: &Tensor, shape: AdapterShape, salt: u64) -> Result<Tensor> {
+    /// The adapter's output for `x`; `path` and `index` (the layer and the adapter's place in it) key its
+    /// dropout masks.
+    fn forward(&self, x: &Tensor, shape: AdapterShape, path: &str, index: usize) -> Result<Tensor> {
         let dt = x.dtype();
         let down = self.down.as_tensor().to_dtype(dt)?;
         let up = self.up.as_tensor().to_dtype(dt)?;
@@ -226,7 +228,7 @@ impl Lora {
             } => x.conv2d(&down, padding, stride, 1, 1)?,
         };
         if self.dropout > 0.0 {
-            h = dropout(&h, self.dropout, salt)?;
+            h = dropout(&h, self.dropout, dropout_salt(path, index))?;
         }
         let y = match shape {
             AdapterShape::Linear => h.matmul(&up.t()?)?,
@@ -288,7 +290,7 @@ impl Adaptable {
                     self.shape,
                 )?;
                 for (i, a) in self.adapters.iter().enumerate() {
-                    y = (y + a.forward(&x2, self.shape, dropout_salt(&self.path, i))?)?;
+                    y = (y + a.forward(&x2, self.shape, &self.path, i)?)?;
                 }
                 let mut out_dims = lead.to_vec();
                 out_dims.push(self.out_features());
@@ -299,7 +301,7 @@ impl Adaptable {
                 let (b, _, h, w) = y.dims4()?;
                 count_flops(2 * b * h * w * self.weight.elem_count());
                 for (i, a) in self.adapters.iter().enumerate() {
-                    y = (y + a.forward(x, self.shape, dropout_salt(&self.path, i))?)?;
+                    y = (y + a.forward(x, self.shape, &self.path, i)?)?;
                 }
                 Ok(y)
             }
