@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 
 mod bench;
+mod bench_kernels;
 mod bench_train;
 mod sample;
 mod train;

@@ -1,13 +1,21 @@
 //! The compute device: the GPU when this is a CUDA build and one is usable, else the CPU; and what its memory
 //! is doing (free/total from the driver, and the high-water mark of the memory pool candle allocates from).
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 /// The first CUDA GPU in a CUDA build, else the CPU. A CUDA build on a machine without a usable GPU says why.
 pub fn best() -> (Device, Option<String>) {
     #[cfg(feature = "cuda")]
     match Device::new_cuda(0) {
-        Ok(d) => return (d, None),
+        Ok(d) => {
+            if let Ok(cuda) = d.as_cuda_device() {
+                // SAFETY: all our work on a device runs on its one stream, so the per-buffer events cudarc would
+                // create, record and destroy for cross-stream ordering (several driver calls per op) order
+                // nothing.
+                unsafe { cuda.disable_event_tracking() };
+            }
+            return (d, None);
+        }
         Err(e) => {
             let why = format!(
                 "this is a CUDA build but no usable NVIDIA GPU was found ({e}); running on the CPU. Check `nvidia-smi` \
@@ -18,6 +26,38 @@ pub fn best() -> (Device, Option<String>) {
     }
     #[allow(unreachable_code)]
     (Device::Cpu, None)
+}
+
+/// Runs `f` (a network's forward or backward) with candle's cache of small host-to-device uploads on. Outside
+/// it, every op on a strided or broadcast tensor first uploads its shape and strides (an allocation and a copy,
+/// ~10 % of a small-batch SD step); a step repeats the same few hundred shapes. The cache keeps each distinct
+/// upload of ≤ 4 KiB for the life of the thread, so `f` must not upload changing data of that size (see
+/// `upload_uncached`).
+pub fn with_upload_cache<T>(device: &Device, f: impl FnOnce() -> T) -> T {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        let _cache = cuda.enable_cuda_graph_htod_cache();
+        return f();
+    }
+    let _ = device;
+    f()
+}
+
+/// `values` as a tensor of `shape` on `device`, uploaded past the cache of `with_upload_cache` (which keeps
+/// only uploads of ≤ 4 KiB): for data that changes every step inside a forward.
+pub fn upload_uncached(
+    values: Vec<f32>,
+    shape: &[usize],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    const PAST_CACHE: usize = 4096 / 4 + 1;
+    let n = values.len();
+    let mut padded = values;
+    padded.resize(n.max(PAST_CACHE), 0.0);
+    let len = padded.len();
+    Tensor::from_vec(padded, len, device)?
+        .narrow(0, 0, n)?
+        .reshape(shape)
 }
 
 /// "NVIDIA H100 80GB HBM3 (compute 9.0)" or "CPU (a build without CUDA)".
@@ -59,9 +99,26 @@ pub fn memory(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
-/// The most memory the device's pool has had in use since the last `reset_peak` (bytes); `None` on the CPU.
+/// The most memory the device's pools (candle's and CUDA graphs') have had in use since the last `reset_peak`
+/// (bytes); `None` on the CPU.
 pub fn peak(device: &Device) -> Option<u64> {
     pool_attribute(device, false)
+}
+
+/// Returns the memory CUDA graphs keep reserved between replays to the driver (they take it back when next
+/// replayed). No-op on the CPU.
+pub fn trim_graph_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Ok(cuda) = device.as_cuda_device() {
+        let ctx = cuda.cuda_stream().context().clone();
+        if device.synchronize().is_ok() {
+            // SAFETY: a driver call on the device's context with no pointers; the stream is idle.
+            unsafe {
+                candle_core::cuda::cudarc::driver::sys::cuDeviceGraphMemTrim(ctx.cu_device())
+            };
+        }
+    }
+    let _ = device;
 }
 
 /// With `LORA_STUDIO_MEMTRACE` set, prints the memory in use (driver) and the pool's peak at `label`, in MiB:
@@ -105,7 +162,17 @@ fn pool_attribute(device: &Device, reset: bool) -> Option<u64> {
         } else {
             sys::cuMemPoolGetAttribute(pool, attr, ptr)
         };
-        (status == sys::CUresult::CUDA_SUCCESS).then_some(value)
+        // A replayed training step (CUDA graph) allocates from the graph memory pool instead.
+        let mut graph: u64 = 0;
+        let gptr = (&mut graph as *mut u64).cast();
+        let gattr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH;
+        let gstatus = if reset {
+            sys::cuDeviceSetGraphMemAttribute(ctx.cu_device(), gattr, gptr)
+        } else {
+            sys::cuDeviceGetGraphMemAttribute(ctx.cu_device(), gattr, gptr)
+        };
+        (status == sys::CUresult::CUDA_SUCCESS && gstatus == sys::CUresult::CUDA_SUCCESS)
+            .then_some(value + graph)
     }
 }
 

@@ -38,11 +38,20 @@ pub enum BenchCommand {
     /// Training speed and memory of a full-size network with random weights (no checkpoint needed): random
     /// latents and text embeddings, LoRA on the attention projections, AdamW, like the PyTorch reference.
     Train(super::bench_train::TrainBench),
+    /// Our fused CUDA kernels against the candle ops they replace, at SD1.5's shapes: result error (vs the CPU)
+    /// and GPU time of both (needs a CUDA build and GPU).
+    Kernels {
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
     match cmd {
         BenchCommand::Train(args) => super::bench_train::run(&args),
+        BenchCommand::Kernels { batch, json } => super::bench_kernels::run(batch, json),
         BenchCommand::GuiTrain { max_frames, json } => {
             let result = gui_train_bench(max_frames)?;
             print_result(&result, json, result.table())
@@ -76,7 +85,7 @@ pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
 }
 
 /// Prints a benchmark's result as pretty JSON or as its table.
-fn print_result(
+pub(super) fn print_result(
     result: &impl serde::Serialize,
     json: bool,
     table: String,

@@ -8,7 +8,7 @@ use crate::model::unet::{UNet, UNetConfig, UNetOptions};
 use crate::model::weights::RandomWeights;
 use crate::sample::{NoiseSchedule, Prediction};
 use crate::train::optim::{Group, Optimizer, OptimizerKind, OptimizerParams};
-use crate::train::step::{LossOptions, diffusion_loss};
+use crate::train::step::{LossInputs, LossOptions, diffusion_loss, loss_from};
 use candle_core::{DType, Tensor};
 use clap::{Args, ValueEnum};
 use rand::{Rng, SeedableRng};
@@ -57,6 +57,9 @@ pub struct TrainBench {
     steps: usize,
     #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Replay each step as a CUDA graph, as training does on a GPU (`off`: launch every kernel from the host).
+    #[arg(long, value_enum, default_value = "on")]
+    graph: OnOff,
     #[arg(long)]
     json: bool,
 }
@@ -69,12 +72,17 @@ struct Result_ {
     batch: usize,
     rank: usize,
     recompute: bool,
+    /// Whether steps were replayed as CUDA graphs.
+    graph: bool,
     precision: String,
     adapters: usize,
     median_step_ms: f64,
     min_step_ms: f64,
     it_per_s: f64,
+    /// Over the timed steps (steady state, as the reference's `max_memory_allocated` after its warm-up).
     peak_mib: Option<f64>,
+    /// Over loading and the warm-up steps (the first of which allocates the optimizer state).
+    peak_warmup_mib: Option<f64>,
     free_before_mib: Option<f64>,
     free_after_mib: Option<f64>,
     total_mib: Option<f64>,
@@ -200,19 +208,62 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
 
     let mut times = Vec::new();
     let mut loss_finite = true;
+    let mut peak_warmup = None;
+    #[cfg(feature = "cuda")]
+    let mut graph = None;
+    #[cfg(feature = "cuda")]
+    let use_graph = args.graph == OnOff::On && opt.on_device();
+    #[cfg(not(feature = "cuda"))]
+    let use_graph = false;
     for i in 0..args.warmup + args.steps {
         let timesteps: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000)).collect();
         let noise = Tensor::randn(0f32, 1.0, latents.shape(), &device)?;
+        let inputs = LossInputs::new(&schedule, loss_opts, &timesteps, &device)?;
         device.synchronize()?;
+        if i == args.warmup {
+            // Steady state from here, as the reference measures it.
+            peak_warmup = crate::device::peak(&device);
+            crate::device::reset_peak(&device);
+        }
         let start = Instant::now();
-        let loss = diffusion_loss(
-            &unet, &schedule, loss_opts, &latents, &context, &timesteps, &noise,
-        )?;
-        let grads = unet.backward(&loss)?;
-        loss_finite &= loss.to_scalar::<f32>()?.is_finite();
-        drop(loss);
-        opt.step(&grads, 1.0, 1.0, 1.0)?;
-        drop(grads);
+        let loss = if use_graph {
+            #[cfg(feature = "cuda")]
+            {
+                use crate::train::graph::{Batch, CapturedStep, StepSettings};
+                let batch = Batch {
+                    latents: &latents,
+                    context: &context,
+                    noise: &noise,
+                    inputs,
+                };
+                let step = match &mut graph {
+                    Some(step) => step,
+                    None => graph.insert(CapturedStep::new(batch, loss_opts)?),
+                };
+                let batch = Batch {
+                    latents: &latents,
+                    context: &context,
+                    noise: &noise,
+                    inputs: LossInputs::new(&schedule, loss_opts, &timesteps, &device)?,
+                };
+                let settings = StepSettings {
+                    lr_factor: 1.0,
+                    max_norm: 1.0,
+                    loss_scale: 1.0,
+                };
+                step.run(&unet, &mut opt, batch, settings)?.0
+            }
+            #[cfg(not(feature = "cuda"))]
+            unreachable!("graphs are a CUDA feature")
+        } else {
+            let loss = loss_from(&unet, loss_opts, &latents, &context, &noise, &inputs)?;
+            let grads = unet.backward(&loss)?;
+            let value = f64::from(loss.to_scalar::<f32>()?);
+            drop(loss);
+            opt.step(&grads, 1.0, 1.0, 1.0)?;
+            value
+        };
+        loss_finite &= loss.is_finite();
         device.synchronize()?;
         if i >= args.warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);
@@ -247,12 +298,14 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
         batch: b,
         rank: args.rank,
         recompute: options.recompute,
+        graph: use_graph,
         precision: format!("{dtype:?}").to_lowercase(),
         adapters,
         median_step_ms: median,
         min_step_ms: times[0],
         it_per_s: 1e3 / median,
         peak_mib: peak_all.map(|p| p as f64 / MIB),
+        peak_warmup_mib: peak_warmup.map(|p| p as f64 / MIB),
         peak_forward_mib: peak_forward.map(|p| p as f64 / MIB),
         peak_backward_mib: peak_backward.map(|p| p as f64 / MIB),
         free_before_mib: free_before.map(|m| m.0 as f64 / MIB),
@@ -270,14 +323,19 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
 fn print_table(r: &Result_) {
     let mib = |v: Option<f64>| v.map_or("n/a (CPU)".to_owned(), |m| format!("{m:.0} MiB"));
     println!(
-        "bench train: {} {} px, batch {}, rank {} attention LoRA ({} adapters), recompute {}, {}",
+        "bench train: {} {} px, batch {}, rank {} attention LoRA ({} adapters), recompute {}, {}, {}",
         r.family,
         r.resolution,
         r.batch,
         r.rank,
         r.adapters,
         if r.recompute { "on" } else { "off" },
-        r.precision
+        r.precision,
+        if r.graph {
+            "steps replayed as CUDA graphs"
+        } else {
+            "kernels launched from the host"
+        }
     );
     println!("device: {}", r.device);
     println!("| measure | value |\n|---|---:|");
@@ -285,8 +343,12 @@ fn print_table(r: &Result_) {
     println!("| fastest step | {:.1} ms |", r.min_step_ms);
     println!("| it/s | {:.2} |", r.it_per_s);
     println!(
-        "| peak device memory (pool high-water mark) | {} |",
+        "| peak device memory over the timed steps (pools' high-water mark) | {} |",
         mib(r.peak_mib)
+    );
+    println!(
+        "| peak over loading and warm-up | {} |",
+        mib(r.peak_warmup_mib)
     );
     println!(
         "| free before / after | {} / {} of {} |",
@@ -301,7 +363,7 @@ fn print_table(r: &Result_) {
     );
     println!("| achieved | {:.2} TFLOP/s |", r.tflop_per_s);
     println!(
-        "| one step by phase: forward / backward / optimizer | {:.1} / {:.1} / {:.1} ms |",
+        "| one host-launched step by phase: forward / backward / optimizer | {:.1} / {:.1} / {:.1} ms |",
         r.forward_ms, r.backward_ms, r.optimizer_ms
     );
     println!(

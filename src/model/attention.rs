@@ -7,11 +7,13 @@
 
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 
-/// Score-matrix elements (f32) one chunk may hold: 16 Mi ≈ 64 MB (backward holds about six such matrices).
-const CHUNK_ELEMENTS: usize = 16 << 20;
+/// Score-matrix elements one chunk may hold: 8 Mi (backward holds four such matrices, ≈ 64 MB in bf16).
+const CHUNK_ELEMENTS: usize = 8 << 20;
 
 /// q [B, Nq, C] attends over k, v [B, Nk, C] with `heads` heads; `chunk` caps the queries per chunk (else chosen
-/// from `CHUNK_ELEMENTS`). Softmax in f32, matmuls in the inputs' dtype.
+/// from `CHUNK_ELEMENTS`). Softmax in f32, matmuls in the inputs' dtype. In a graph this is a single node: the
+/// head split, scaling and merge happen inside it (as graph nodes they cost more launches in backward than the
+/// attention itself at SD's batch sizes).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -19,37 +21,57 @@ pub fn attention(
     heads: usize,
     chunk: Option<usize>,
 ) -> Result<Tensor> {
-    let (b, nq, c) = q.dims3()?;
-    let d = c / heads;
-    let split = |t: &Tensor| -> Result<Tensor> {
-        let n = t.dim(1)?;
-        t.reshape((b, n, heads, d))?
-            .transpose(1, 2)?
-            .reshape((b * heads, n, d))?
-            .contiguous()
-    };
-    let qs = split(&q.affine(1.0 / (d as f64).sqrt(), 0.0)?)?;
-    let (ks, vs) = (split(k)?, split(v)?);
-    let nk = ks.dim(1)?;
-    let auto = (CHUNK_ELEMENTS / (b * heads * nk).max(1)).max(16);
+    let (b, nq, _) = q.dims3()?;
+    let heads = Heads { batch: b, heads };
+    let (qs, ks, vs) = heads.split_all(&q.detach(), &k.detach(), &v.detach())?;
+    let auto = (CHUNK_ELEMENTS / (qs.dim(0)? * ks.dim(1)?).max(1)).max(16);
     let step = chunk.filter(|c| *c > 0).unwrap_or(auto).min(nq);
-    let (o, lse) = forward(&qs.detach(), &ks.detach(), &vs.detach(), step)?;
-    let o = if qs.track_op() || ks.track_op() || vs.track_op() {
-        qs.apply_op3(
-            &ks,
-            &vs,
-            Attention {
-                o: super::handoff::Handoff::new(o),
-                lse,
-                step,
-            },
-        )?
-    } else {
-        o
+    let (o, lse) = forward(&qs, &ks, &vs, step)?;
+    let o = heads.merge(&o)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(o);
+    }
+    let op = Attention {
+        o: super::handoff::Handoff::new(o),
+        lse,
+        step,
+        heads,
     };
-    o.reshape((b, heads, nq, d))?
-        .transpose(1, 2)?
-        .reshape((b, nq, c))
+    q.apply_op3(k, v, op)
+}
+
+/// The head layout: [B, N, H·d] ↔ [B·H, N, d].
+#[derive(Clone, Copy)]
+struct Heads {
+    batch: usize,
+    heads: usize,
+}
+
+impl Heads {
+    fn split(&self, t: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = t.dims3()?;
+        t.reshape((b, n, self.heads, c / self.heads))?
+            .transpose(1, 2)?
+            .reshape((b * self.heads, n, c / self.heads))?
+            .contiguous()
+    }
+
+    fn merge(&self, t: &Tensor) -> Result<Tensor> {
+        let (_, n, d) = t.dims3()?;
+        t.reshape((self.batch, self.heads, n, d))?
+            .transpose(1, 2)?
+            .reshape((self.batch, n, self.heads * d))
+    }
+
+    /// q scaled by 1/√d, k and v, each split into heads.
+    fn split_all(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let q = q.affine(self.scale(q)?, 0.0)?;
+        Ok((self.split(&q)?, self.split(k)?, self.split(v)?))
+    }
+
+    fn scale(&self, q: &Tensor) -> Result<f64> {
+        Ok(1.0 / ((q.dim(2)? / self.heads) as f64).sqrt())
+    }
 }
 
 /// Chunks of `step` queries along dim 1, as (start, len).
@@ -64,20 +86,67 @@ fn forward(q: &Tensor, k: &Tensor, v: &Tensor, step: usize) -> Result<(Tensor, T
     let kt = k.t()?.contiguous()?;
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for (start, len) in chunks(q.dim(1)?, step) {
-        let s = q.narrow(1, start, len)?.matmul(&kt)?.to_dtype(DType::F32)?;
-        let m = s.max_keepdim(D::Minus1)?;
-        let e = s.broadcast_sub(&m)?.exp()?;
-        let l = e.sum_keepdim(D::Minus1)?;
-        outs.push(e.broadcast_div(&l)?.to_dtype(v.dtype())?.matmul(v)?);
-        lses.push((m + l.log()?)?);
+        let (p, lse) = softmax(&q.narrow(1, start, len)?.matmul(&kt)?)?;
+        outs.push(p.matmul(v)?);
+        lses.push(lse);
     }
     Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?))
+}
+
+/// Row softmax of scores (in f32) as probabilities in the scores' dtype, and each row's log-sum-exp.
+fn softmax(s: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if super::fused::on(s.device()) {
+        return super::fused::softmax_forward(s);
+    }
+    let s32 = s.to_dtype(DType::F32)?;
+    let m = s32.max_keepdim(D::Minus1)?;
+    let e = s32.broadcast_sub(&m)?.exp()?;
+    let l = e.sum_keepdim(D::Minus1)?;
+    Ok((e.broadcast_div(&l)?.to_dtype(s.dtype())?, (m + l.log()?)?))
+}
+
+/// Backward through the softmax of scores `s` given dP and the rows' log-sum-exp and delta: P and
+/// dS = P ⊙ (dP − delta), both in the scores' dtype.
+fn softmax_backward(
+    s: &Tensor,
+    dp: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if super::fused::on(s.device()) {
+        return super::fused::softmax_backward(s, dp, lse, delta);
+    }
+    let p = s.to_dtype(DType::F32)?.broadcast_sub(lse)?.exp()?;
+    let ds = (&p * dp.to_dtype(DType::F32)?.broadcast_sub(delta)?)?;
+    Ok((p.to_dtype(s.dtype())?, ds.to_dtype(s.dtype())?))
+}
+
+/// rowsum(a ⊙ b) in f32, keeping the last dimension as 1.
+fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fused::on(a.device()) {
+        return super::fused::row_dot(a, b);
+    }
+    (a.to_dtype(DType::F32)? * b.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)
+}
+
+/// `acc + x` for an f32 accumulator `acc` (in place on the GPU, where `acc` is ours alone).
+fn accumulate(acc: Tensor, x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fused::on(x.device()) {
+        super::fused::accumulate(&acc, x)?;
+        return Ok(acc);
+    }
+    acc + x.to_dtype(DType::F32)?
 }
 
 struct Attention {
     o: super::handoff::Handoff,
     lse: Tensor,
     step: usize,
+    heads: Heads,
 }
 
 impl CustomOp3 for Attention {
@@ -122,31 +191,35 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // The inputs are graph nodes: computing from them would record every chunk's intermediates into the
         // returned gradients' graphs and keep them alive until those are consumed (gigabytes per layer).
-        let (q, k, v, o) = (&q.detach(), &k.detach(), &v.detach(), &o.detach());
+        let h = self.heads;
+        let (q, k, v) = h.split_all(&q.detach(), &k.detach(), &v.detach())?;
+        let (q, k, v, o) = (&q, &k, &v, &h.split(&o.detach())?);
         let dt = q.dtype();
         let kt = k.t()?.contiguous()?;
         let vt = v.t()?.contiguous()?;
-        let g = g.contiguous()?;
-        let delta = (g.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
-        let mut dk = k.zeros_like()?.to_dtype(DType::F32)?;
-        let mut dv = v.zeros_like()?.to_dtype(DType::F32)?;
+        let g = h.split(g)?;
+        let delta = row_dot(&g, o)?;
+        let mut dk = Tensor::zeros(k.shape(), DType::F32, k.device())?;
+        let mut dv = Tensor::zeros(v.shape(), DType::F32, v.device())?;
         let mut dqs = Vec::new();
         for (start, len) in chunks(q.dim(1)?, self.step) {
             let qc = q.narrow(1, start, len)?;
             let gc = g.narrow(1, start, len)?;
-            let s = qc.matmul(&kt)?.to_dtype(DType::F32)?;
-            let p = s.broadcast_sub(&self.lse.narrow(1, start, len)?)?.exp()?;
-            let pd = p.to_dtype(dt)?;
-            dv = (dv + pd.t()?.matmul(&gc)?.to_dtype(DType::F32)?)?;
-            let dp = gc.matmul(&vt)?.to_dtype(DType::F32)?;
-            let ds = (p * dp.broadcast_sub(&delta.narrow(1, start, len)?)?)?.to_dtype(dt)?;
+            let (p, ds) = softmax_backward(
+                &qc.matmul(&kt)?,
+                &gc.matmul(&vt)?,
+                &self.lse.narrow(1, start, len)?,
+                &delta.narrow(1, start, len)?,
+            )?;
+            dv = accumulate(dv, &p.t()?.matmul(&gc)?)?;
             dqs.push(ds.matmul(k)?);
-            dk = (dk + ds.t()?.matmul(&qc)?.to_dtype(DType::F32)?)?;
+            dk = accumulate(dk, &ds.t()?.matmul(&qc)?)?;
         }
+        let dq = h.merge(&Tensor::cat(&dqs, 1)?)?;
         Ok((
-            Some(Tensor::cat(&dqs, 1)?),
-            Some(dk.to_dtype(dt)?),
-            Some(dv.to_dtype(dt)?),
+            Some(dq.affine(h.scale(&dq)?, 0.0)?),
+            Some(h.merge(&dk.to_dtype(dt)?)?),
+            Some(h.merge(&dv.to_dtype(dt)?)?),
         ))
     }
 }

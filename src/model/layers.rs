@@ -114,6 +114,102 @@ fn frozen_base(
     })
 }
 
+/// A frozen linear layer with one LoRA adapter, `x·Wᵀ + b + s·(x·downᵀ)·upᵀ`, as one graph node. Built from
+/// candle ops it is eleven nodes (casts, transposes, two matmuls, scale, add), each of which costs gradient
+/// bookkeeping kernels in backward; this op's backward is five matmuls.
+fn lora_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, a: &Lora) -> Result<Tensor> {
+    let dt = x.dtype();
+    let down = a.down.as_tensor().detach().to_dtype(dt)?;
+    let up = a.up.as_tensor().detach().to_dtype(dt)?;
+    let xd = x.detach();
+    let h = xd.matmul(&down.t()?)?;
+    let mut y = xd.matmul(&w.t()?)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(b)?;
+    }
+    let y = (y + h.matmul(&up.t()?)?.affine(a.scale(), 0.0)?)?;
+    x.apply_op3(
+        a.down.as_tensor(),
+        a.up.as_tensor(),
+        LoraLinear {
+            y: super::handoff::Handoff::new(y),
+            w: w.clone(),
+            down,
+            up,
+            h,
+            scale: a.scale(),
+        },
+    )
+}
+
+/// Carries the gradients of `lora_linear` to x, down and up.
+struct LoraLinear {
+    y: super::handoff::Handoff,
+    w: Tensor,
+    /// The adapter in the compute dtype, as the forward used it.
+    down: Tensor,
+    up: Tensor,
+    /// x·downᵀ from the forward, [N, rank].
+    h: Tensor,
+    scale: f64,
+}
+
+impl candle_core::CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.y.cpu()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.y.cuda()
+    }
+
+    /// With gu = g·up: dx = g·W + s·gu·down, d down = s·guᵀ·x, d up = s·gᵀ·h (adapter gradients in f32).
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _down: &Tensor,
+        _up: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let s = self.scale;
+        let gu = g.matmul(&self.up)?;
+        let dx = if x.track_op() {
+            Some((g.matmul(&self.w)? + gu.matmul(&self.down)?.affine(s, 0.0)?)?)
+        } else {
+            None
+        };
+        let d_down = gu.t()?.matmul(&x.detach())?.affine(s, 0.0)?;
+        let d_up = g.t()?.matmul(&self.h)?.affine(s, 0.0)?;
+        Ok((
+            dx,
+            Some(d_down.to_dtype(DType::F32)?),
+            Some(d_up.to_dtype(DType::F32)?),
+        ))
+    }
+}
+
 /// `x + c` for a constant `c` (broadcast to `x`), without the gradient for `c` that a stock add would keep in
 /// candle's gradient store until backward ends.
 pub fn add_constant(x: &Tensor, c: &Tensor) -> Result<Tensor> {
@@ -191,9 +287,7 @@ fn dropout(h: &Tensor, p: f64, salt: u64) -> Result<Tensor> {
     let mask: Vec<f32> = (0..h.elem_count())
         .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
         .collect();
-    let mask = Tensor::from_vec(mask, h.shape(), &Device::Cpu)?
-        .to_device(h.device())?
-        .to_dtype(h.dtype())?;
+    let mask = crate::device::upload_uncached(mask, h.dims(), h.device())?.to_dtype(h.dtype())?;
     h.mul(&mask)
 }
 
@@ -235,6 +329,11 @@ impl Lora {
             AdapterShape::Conv { .. } => h.conv2d(&up, 0, 1, 1, 1)?,
         };
         y.affine(self.scale(), 0.0)
+    }
+
+    /// Whether this forward applies dropout (see `with_dropout_key`).
+    fn dropout_active(&self) -> bool {
+        self.dropout > 0.0 && DROPOUT_KEY.get().is_some()
     }
 
     /// The change this adapter makes to the base weight (`scale · up @ down`), for merging.
@@ -283,18 +382,23 @@ impl Adaptable {
                 let (lead, last) = dims.split_at(dims.len() - 1);
                 let x2 = x.reshape(((), last[0]))?;
                 count_flops(2 * x2.dim(0)? * self.weight.elem_count());
-                let mut y = frozen_base(
-                    &x2.contiguous()?,
-                    &self.weight,
-                    self.bias.as_ref(),
-                    self.shape,
-                )?;
-                for (i, a) in self.adapters.iter().enumerate() {
-                    y = (y + a.forward(&x2, self.shape, &self.path, i)?)?;
-                }
+                let x2 = x2.contiguous()?;
+                let mut y = match self.adapters.as_slice() {
+                    [a] if !a.dropout_active() => {
+                        lora_linear(&x2, &self.weight, self.bias.as_ref(), a)?
+                    }
+                    adapters => {
+                        let mut y = frozen_base(&x2, &self.weight, self.bias.as_ref(), self.shape)?;
+                        for (i, a) in adapters.iter().enumerate() {
+                            y = (y + a.forward(&x2, self.shape, &self.path, i)?)?;
+                        }
+                        y
+                    }
+                };
                 let mut out_dims = lead.to_vec();
                 out_dims.push(self.out_features());
-                y.reshape(out_dims)
+                y = y.reshape(out_dims)?;
+                Ok(y)
             }
             AdapterShape::Conv { .. } => {
                 let mut y = frozen_base(x, &self.weight, self.bias.as_ref(), self.shape)?;
@@ -454,13 +558,24 @@ pub struct GroupNorm {
 }
 
 impl GroupNorm {
+    /// From f32 `[C]` weight and bias.
+    pub fn new(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Self {
+        GroupNorm {
+            weight,
+            bias,
+            groups,
+            eps,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, _, _) = x.dims4()?;
-        let affine = (
-            self.weight.reshape((1, c, 1, 1))?,
-            self.bias.reshape((1, c, 1, 1))?,
-        );
-        normalize(x, b * self.groups, &affine, self.eps)
+        let (b, c, h, w) = x.dims4()?;
+        let shape = NormShape {
+            rows: b * self.groups,
+            inner: h * w,
+            channels: c,
+        };
+        normalize(x, shape, (&self.weight, &self.bias), self.eps)
     }
 }
 
@@ -472,27 +587,44 @@ pub struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// From f32 `[C]` weight and bias.
+    pub fn new(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        LayerNorm { weight, bias, eps }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.elem_count() / x.dim(D::Minus1)?;
-        normalize(x, rows, &(self.weight.clone(), self.bias.clone()), self.eps)
+        let channels = x.dim(D::Minus1)?;
+        let shape = NormShape {
+            rows: x.elem_count() / channels,
+            inner: 1,
+            channels,
+        };
+        normalize(x, shape, (&self.weight, &self.bias), self.eps)
     }
 }
 
-/// Normalises `x` viewed as `rows` rows (mean 0, variance 1 per row, in f32), then applies the frozen
-/// `(weight, bias)` broadcast in `x`'s shape. For training it is one custom op that keeps only each row's mean
-/// and 1/σ: built from primitives, a norm keeps four f32 copies of its input for backward — the largest memory
-/// item of a UNet step after attention.
-fn normalize(x: &Tensor, rows: usize, (w, b): &(Tensor, Tensor), eps: f64) -> Result<Tensor> {
-    let xr = x.detach().to_dtype(DType::F32)?.reshape((rows, ()))?;
-    let mean = xr.mean_keepdim(1)?;
-    let xc = xr.broadcast_sub(&mean)?;
-    let rstd = (xc.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
-    let y = xc
-        .broadcast_mul(&rstd)?
-        .reshape(x.shape())?
-        .broadcast_mul(w)?
-        .broadcast_add(b)?
-        .to_dtype(x.dtype())?;
+/// How a norm sees its input: `rows` rows normalised separately, and flat element e scaled by channel
+/// (e / inner) % channels of the affine weight and bias (GroupNorm: inner = H·W; LayerNorm: inner = 1).
+#[derive(Clone, Copy)]
+pub struct NormShape {
+    pub rows: usize,
+    pub inner: usize,
+    pub channels: usize,
+}
+
+impl NormShape {
+    /// `x` viewed as [.., channels, inner], and the per-channel `[channels]` tensor `p` broadcastable to it.
+    fn affine_view(&self, x: &Tensor, p: &Tensor) -> Result<(Tensor, Tensor)> {
+        let x = x.reshape(((), self.channels, self.inner))?;
+        Ok((x, p.reshape((1, self.channels, 1))?))
+    }
+}
+
+/// Normalises `x` by rows (mean 0, variance 1 per row, in f32), then applies the frozen per-channel `(weight,
+/// bias)`. For training it is one custom op that keeps only each row's mean and 1/σ: built from primitives, a
+/// norm keeps four f32 copies of its input for backward — the largest memory item of a UNet step after attention.
+fn normalize(x: &Tensor, s: NormShape, (w, b): (&Tensor, &Tensor), eps: f64) -> Result<Tensor> {
+    let (y, mean, rstd) = norm_values(&x.detach(), s, (w, b), eps)?;
     if !x.track_op() {
         return Ok(y);
     }
@@ -501,7 +633,32 @@ fn normalize(x: &Tensor, rows: usize, (w, b): &(Tensor, Tensor), eps: f64) -> Re
         mean,
         rstd,
         weight: w.clone(),
+        shape: s,
     })
+}
+
+/// The output of `normalize` and each row's mean and 1/σ ([rows, 1], f32).
+fn norm_values(
+    x: &Tensor,
+    s: NormShape,
+    (w, b): (&Tensor, &Tensor),
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if super::fused::on(x.device()) {
+        return super::fused::norm_forward(x, (w, b), s, eps);
+    }
+    let xr = x.to_dtype(DType::F32)?.reshape((s.rows, ()))?;
+    let mean = xr.mean_keepdim(1)?;
+    let xc = xr.broadcast_sub(&mean)?;
+    let rstd = (xc.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+    let (xh, wv) = s.affine_view(&xc.broadcast_mul(&rstd)?, w)?;
+    let y = xh
+        .broadcast_mul(&wv)?
+        .broadcast_add(&b.reshape((1, s.channels, 1))?)?
+        .reshape(x.shape())?
+        .to_dtype(x.dtype())?;
+    Ok((y, mean, rstd))
 }
 
 /// Carries the input gradient of `normalize`.
@@ -510,6 +667,7 @@ struct Norm {
     mean: Tensor,
     rstd: Tensor,
     weight: Tensor,
+    shape: NormShape,
 }
 
 impl CustomOp1 for Norm {
@@ -523,14 +681,17 @@ impl CustomOp1 for Norm {
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         // Detached: ops on the graph node `x` would be recorded and kept alive with the returned gradient.
         let x = &x.detach();
-        let rows = self.mean.dim(0)?;
-        let d = g
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&self.weight)?
-            .reshape((rows, ()))?;
+        let s = self.shape;
+        #[cfg(feature = "cuda")]
+        if super::fused::on(x.device()) {
+            let stats = (&self.mean, &self.rstd);
+            return super::fused::norm_backward(x, g, stats, &self.weight, s).map(Some);
+        }
+        let (gv, wv) = s.affine_view(&g.to_dtype(DType::F32)?, &self.weight)?;
+        let d = gv.broadcast_mul(&wv)?.reshape((s.rows, ()))?;
         let xh = x
             .to_dtype(DType::F32)?
-            .reshape((rows, ()))?
+            .reshape((s.rows, ()))?
             .broadcast_sub(&self.mean)?
             .broadcast_mul(&self.rstd)?;
         let m1 = d.mean_keepdim(1)?;
@@ -748,6 +909,73 @@ mod tests {
             .backward()
             .unwrap();
         assert!(max_diff(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4);
+    }
+
+    /// The one-node LoRA linear gives stock autograd's output and gradients for x, down and up — and the same
+    /// as the per-op path it replaces, which dropout still takes.
+    #[test]
+    fn lora_linear_matches_stock_autograd() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let (w, b) = (randn(&[6, 4], 1), randn(&[6], 2));
+        let mut layer = Adaptable::new("l", w.clone(), Some(b.clone()), AdapterShape::Linear);
+        layer.add_adapter(2, 3.0, &mut rng).unwrap();
+        let a = layer.adapters[0].clone();
+        a.up.set(&randn(a.up.dims(), 3)).unwrap();
+        let x = Var::from_tensor(&randn(&[2, 3, 4], 4)).unwrap();
+        let gw = randn(&[2, 3, 6], 5);
+        let ours = layer.forward(x.as_tensor()).unwrap();
+        let h = x.as_tensor().matmul(
+            &a.down
+                .t()
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .broadcast_as((2, 4, 2))
+                .unwrap(),
+        );
+        let lora = h.unwrap().matmul(
+            &a.up
+                .t()
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+                .broadcast_as((2, 2, 6))
+                .unwrap(),
+        );
+        let stock = (x
+            .as_tensor()
+            .broadcast_matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap()
+            + lora.unwrap().affine(1.5, 0.0).unwrap())
+        .unwrap();
+        assert!(max_diff(&ours, &stock) < 1e-5);
+        let g_ours = (&ours * &gw)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_stock = (&stock * &gw)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [
+            ("x", x.as_tensor()),
+            ("down", a.down.as_tensor()),
+            ("up", a.up.as_tensor()),
+        ] {
+            let err = max_diff(g_ours.get(v).unwrap(), g_stock.get(v).unwrap());
+            assert!(err < 1e-4, "d{name} differs by {err}");
+        }
+        let per_op = with_dropout_key(1, || {
+            layer.adapters[0].dropout = 1e-9;
+            layer.forward(x.as_tensor()).unwrap()
+        });
+        assert!(max_diff(&per_op, &ours) < 1e-5);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 pub mod adapters;
 pub mod attention;
 pub mod checkpoint;
+#[cfg(feature = "cuda")]
+pub mod fused;
 mod handoff;
 pub mod layers;
 pub mod recompute;

@@ -400,6 +400,10 @@ impl UNet {
 
     /// Predicts noise (or v) for latents `x` [B, 4, H, W] at timesteps `t` [B] given `context` [B, N, C].
     pub fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<Tensor> {
+        crate::device::with_upload_cache(x.device(), || self.forward_uncached(x, t, context))
+    }
+
+    fn forward_uncached(&self, x: &Tensor, t: &Tensor, context: &Tensor) -> Result<Tensor> {
         let dt = self.conv_in.weight.dtype();
         let (x, context) = (x.to_dtype(dt)?, context.to_dtype(dt)?);
         let tf = self
@@ -456,7 +460,7 @@ impl UNet {
 
     /// Back-propagates `loss` (computed through this network), including the gradients of recomputed blocks.
     pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
-        self.sink.backward(loss)
+        crate::device::with_upload_cache(loss.device(), || self.sink.backward(loss))
     }
 
     /// Every adaptable layer, for attaching, listing, saving and merging adapters. Call while no computation

@@ -7,6 +7,8 @@ pub mod data;
 pub mod engine;
 pub mod events;
 pub mod failure;
+#[cfg(feature = "cuda")]
+pub mod graph;
 mod inputs;
 pub mod lr;
 pub mod optim;

@@ -48,6 +48,49 @@ pub struct Optimizer {
     step: u64,
     /// Per variable (by group and index): AdamW [m, v]; Adafactor [row, col] (matrices) or [v] (vectors).
     state: HashMap<(usize, usize), Vec<Tensor>>,
+    /// The device-side step's buffers (AdamW on a GPU), made by the first `prepare_step`.
+    #[cfg(feature = "cuda")]
+    device: Option<DeviceStep>,
+}
+
+/// Buffers at fixed device addresses, so that a step's kernels can be captured once and replayed: Σ g² over all
+/// gradients, and per group the hyper-parameters `Hyper` lays out.
+#[cfg(feature = "cuda")]
+struct DeviceStep {
+    sumsq: Tensor,
+    hyper: Vec<Tensor>,
+    /// The prepared step's loss scale.
+    loss_scale: f64,
+}
+
+/// The hyper-parameter vector of one group, in the order `adamw_f32` (kernels/train.cu) reads it.
+#[cfg(feature = "cuda")]
+struct Hyper {
+    lr: f64,
+    step: i32,
+    max_norm: f64,
+    loss_scale: f64,
+}
+
+#[cfg(feature = "cuda")]
+impl Hyper {
+    fn values(&self, p: &OptimizerParams) -> Vec<f32> {
+        let t = self.step;
+        [
+            self.lr,
+            1.0 / (1.0 - p.beta1.powi(t)),
+            1.0 / (1.0 - p.beta2.powi(t)),
+            1.0 - self.lr * p.weight_decay,
+            1.0 / self.loss_scale,
+            self.max_norm,
+            p.beta1,
+            p.beta2,
+            p.eps,
+        ]
+        .iter()
+        .map(|&v| v as f32)
+        .collect()
+    }
 }
 
 impl Optimizer {
@@ -58,6 +101,8 @@ impl Optimizer {
             groups,
             step: 0,
             state: HashMap::new(),
+            #[cfg(feature = "cuda")]
+            device: None,
         }
     }
 
@@ -66,15 +111,16 @@ impl Optimizer {
     }
 
     /// The global L2 norm of the gradients of all variables.
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+    fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         // Summed on the device and read once: one host sync, not one per variable.
-        let mut total: Option<Tensor> = None;
-        for g in self
+        let grads: Vec<&Tensor> = self
             .groups
             .iter()
             .flat_map(|g| &g.vars)
             .filter_map(|v| grads.get(v))
-        {
+            .collect();
+        let mut total: Option<Tensor> = None;
+        for g in grads {
             let sq = g.to_dtype(DType::F32)?.sqr()?.sum_all()?;
             total = Some(match total {
                 Some(t) => (t + sq)?,
@@ -95,6 +141,12 @@ impl Optimizer {
         max_norm: f64,
         loss_scale: f64,
     ) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if self.on_device() {
+            self.prepare_step(lr_factor, max_norm, loss_scale)?;
+            self.launch_step(grads)?;
+            return self.finish_step();
+        }
         let norm = self.grad_norm(grads)? / loss_scale;
         if !norm.is_finite() {
             return Ok(norm);
@@ -120,6 +172,105 @@ impl Optimizer {
                     .affine(1.0 - lr * self.params.weight_decay, 0.0)?;
                 var.set(&(decayed - update.affine(lr, 0.0)?)?)?;
             }
+        }
+        Ok(norm)
+    }
+
+    /// Whether steps run on the device as one fused AdamW kernel per variable, in three parts: `prepare_step`
+    /// (host → device: this step's hyper-parameters), `launch_step` (kernels only, no host sync: capturable
+    /// into a CUDA graph) and `finish_step` (reads the norm back).
+    #[cfg(feature = "cuda")]
+    pub fn on_device(&self) -> bool {
+        let first = self.groups.iter().flat_map(|g| &g.vars).next();
+        self.kind == OptimizerKind::AdamW
+            && first.is_some_and(|v| crate::model::fused::on(v.device()))
+    }
+
+    /// Writes the next step's hyper-parameters into the device buffers (making them, and any missing moment
+    /// tensors, the first time).
+    #[cfg(feature = "cuda")]
+    pub fn prepare_step(&mut self, lr_factor: f64, max_norm: f64, loss_scale: f64) -> Result<()> {
+        let Some(device) = self
+            .groups
+            .iter()
+            .flat_map(|g| &g.vars)
+            .next()
+            .map(|v| v.device().clone())
+        else {
+            return Ok(());
+        };
+        if self.device.is_none() {
+            self.device = Some(DeviceStep {
+                sumsq: Tensor::zeros(1, DType::F32, &device)?,
+                hyper: (0..self.groups.len())
+                    .map(|_| Tensor::zeros(9, DType::F32, &device))
+                    .collect::<Result<_>>()?,
+                loss_scale,
+            });
+        }
+        for (gi, group) in self.groups.iter().enumerate() {
+            for (vi, var) in group.vars.iter().enumerate() {
+                let st = self.state.entry((gi, vi)).or_default();
+                if st.is_empty() {
+                    st.push(var.zeros_like()?);
+                    st.push(var.zeros_like()?);
+                }
+            }
+        }
+        let buffers = self.device.as_mut().expect("made above");
+        buffers.loss_scale = loss_scale;
+        for (group, hyper) in self.groups.iter().zip(&buffers.hyper) {
+            let h = Hyper {
+                lr: group.lr * lr_factor,
+                step: self.step as i32 + 1,
+                max_norm,
+                loss_scale,
+            };
+            hyper.slice_set(&Tensor::from_vec(h.values(&self.params), 9, &device)?, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The step's kernels: Σ g², then each variable's AdamW update (skipped on the device when the norm is not
+    /// finite). Variables without a gradient are left alone.
+    #[cfg(feature = "cuda")]
+    pub fn launch_step(&self, grads: &GradStore) -> Result<()> {
+        use crate::model::fused;
+        let Some(buffers) = &self.device else {
+            candle_core::bail!("optimizer: launch_step before prepare_step")
+        };
+        fused::fill(&buffers.sumsq, 0.0)?;
+        for var in self.groups.iter().flat_map(|g| &g.vars) {
+            if let Some(g) = grads.get(var) {
+                fused::add_sum_of_squares(g, &buffers.sumsq)?;
+            }
+        }
+        for (gi, group) in self.groups.iter().enumerate() {
+            for (vi, var) in group.vars.iter().enumerate() {
+                let Some(g) = grads.get(var) else { continue };
+                let st = &self.state[&(gi, vi)];
+                let moments = (&st[0], &st[1]);
+                fused::adamw(
+                    var.as_tensor(),
+                    g,
+                    moments,
+                    &buffers.sumsq,
+                    &buffers.hyper[gi],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The (unscaled) gradient norm of the launched step; counts the step when it was finite (and so applied).
+    #[cfg(feature = "cuda")]
+    pub fn finish_step(&mut self) -> Result<f64> {
+        let Some(buffers) = &self.device else {
+            candle_core::bail!("optimizer: finish_step before prepare_step")
+        };
+        let norm = (buffers.sumsq.to_vec1::<f32>()?[0] as f64).sqrt() / buffers.loss_scale;
+        if norm.is_finite() {
+            self.step += 1;
         }
         Ok(norm)
     }

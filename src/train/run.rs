@@ -123,6 +123,9 @@ struct Trainer<'a> {
     stopping: bool,
     /// Batches of the current epoch (recomputed when the epoch changes).
     epoch_batches: (u64, Vec<Vec<super::data::Sample>>),
+    /// Steps captured as CUDA graphs, one per batch shape (see `captured_step`).
+    #[cfg(feature = "cuda")]
+    graphs: Vec<super::graph::CapturedStep>,
 }
 
 fn fail<'c>(doing: &str, config: &'c TrainConfig) -> impl Fn(candle_core::Error) -> Failure + 'c {
@@ -226,6 +229,8 @@ impl<'a> Trainer<'a> {
             step_times: VecDeque::new(),
             stopping: false,
             epoch_batches: (u64::MAX, Vec::new()),
+            #[cfg(feature = "cuda")]
+            graphs: Vec::new(),
         })
     }
 
@@ -410,6 +415,10 @@ impl<'a> Trainer<'a> {
 
     /// One optimizer step over `gradient_accumulation` batches: (mean loss, whether it was finite and applied).
     fn step(&mut self) -> Result<(f64, bool), Failure> {
+        #[cfg(feature = "cuda")]
+        if self.can_capture() {
+            return self.captured_step();
+        }
         let k = self.config.optimizer.gradient_accumulation as usize;
         let scale = self.loss_scale.scale;
         let mut grads: Option<GradStore> = None;
@@ -442,6 +451,57 @@ impl<'a> Trainer<'a> {
         Ok((loss, norm.is_finite()))
     }
 
+    /// Whether steps can be captured as CUDA graphs: one batch per step, adapters updated on the device, and
+    /// nothing that uploads per-step data inside the step (text-encoder training tokenizes, dropout draws its
+    /// masks on the host).
+    #[cfg(feature = "cuda")]
+    fn can_capture(&self) -> bool {
+        self.config.optimizer.gradient_accumulation == 1
+            && self.config.network.dropout == 0.0
+            && !matches!(self.text, TextSource::Trained(_))
+            && self.opt.on_device()
+    }
+
+    /// `step` as a replayed CUDA graph: the batch is prepared on the host as for an uncaptured step, copied into
+    /// the captured step of its shape, and the step replayed (captured on the second batch of a shape).
+    #[cfg(feature = "cuda")]
+    fn captured_step(&mut self) -> Result<(f64, bool), Failure> {
+        use super::graph::{Batch, CapturedStep, StepSettings};
+        let batch = self.next_batch()?;
+        let mut rng = step_rng(self.config.training.seed, self.counters.step, 0);
+        let (latents, context, timesteps, noise) = self
+            .batch_tensors(&batch, &mut rng)
+            .map_err(|e| self.failure("training", e))?;
+        let options = self.loss_options();
+        let inputs =
+            || super::step::LossInputs::new(&self.schedule, options, &timesteps, &self.device);
+        let batch = |inputs| Batch {
+            latents: &latents,
+            context: &context,
+            noise: &noise,
+            inputs,
+        };
+        let settings = StepSettings {
+            lr_factor: self.lr_factor(self.counters.step),
+            max_norm: self.config.optimizer.max_grad_norm,
+            loss_scale: self.loss_scale.scale,
+        };
+        let ran = (|| {
+            let b = batch(inputs()?);
+            let at = match self.graphs.iter().position(|g| g.fits(&b)) {
+                Some(at) => at,
+                None => {
+                    self.graphs.push(CapturedStep::new(b, options)?);
+                    self.graphs.len() - 1
+                }
+            };
+            let b = batch(inputs()?);
+            self.graphs[at].run(&self.unet, &mut self.opt, b, settings)
+        })();
+        let (loss, norm) = ran.map_err(|e| self.failure("training", e))?;
+        Ok((loss, loss.is_finite() && norm.is_finite()))
+    }
+
     fn add_grads(&self, mut acc: GradStore, more: GradStore) -> candle_core::Result<GradStore> {
         for var in self.trainable.vars() {
             if let Some(g) = more.get(&var) {
@@ -462,6 +522,27 @@ impl<'a> Trainer<'a> {
         rng: &mut ChaCha8Rng,
         scale: f64,
     ) -> candle_core::Result<(f64, GradStore)> {
+        let (latents, context, timesteps, noise) = self.batch_tensors(batch, rng)?;
+        let loss = diffusion_loss(
+            &self.unet,
+            &self.schedule,
+            self.loss_options(),
+            &latents,
+            &context,
+            &timesteps,
+            &noise,
+        )?;
+        let value = f64::from(loss.to_scalar::<f32>()?);
+        let grads = self.unet.backward(&loss.affine(scale, 0.0)?)?;
+        Ok((value, grads))
+    }
+
+    /// A batch's latents, text context, timesteps and noise, drawn from `rng`.
+    fn batch_tensors(
+        &self,
+        batch: &[super::data::Sample],
+        rng: &mut ChaCha8Rng,
+    ) -> candle_core::Result<(Tensor, Tensor, Vec<usize>, Tensor)> {
         let latents = self.batch_latents(batch, rng)?;
         let captions: Vec<String> = batch
             .iter()
@@ -482,22 +563,14 @@ impl<'a> Trainer<'a> {
             let shift = randn(rng, &[b, c, 1, 1], &self.device)?.affine(offset, 0.0)?;
             noise = noise.broadcast_add(&shift)?;
         }
-        let options = LossOptions {
+        Ok((latents, context, timesteps, noise))
+    }
+
+    fn loss_options(&self) -> LossOptions {
+        LossOptions {
             prediction: self.files.prediction,
             min_snr_gamma: self.config.training.min_snr_gamma,
-        };
-        let loss = diffusion_loss(
-            &self.unet,
-            &self.schedule,
-            options,
-            &latents,
-            &context,
-            &timesteps,
-            &noise,
-        )?;
-        let value = f64::from(loss.to_scalar::<f32>()?);
-        let grads = self.unet.backward(&loss.affine(scale, 0.0)?)?;
-        Ok((value, grads))
+        }
     }
 
     /// Latents of a batch drawn from the cached posteriors, scaled for the UNet, on the device.
@@ -567,6 +640,8 @@ impl<'a> Trainer<'a> {
         self.emit(Event::Phase {
             phase: Phase::Sampling,
         });
+        // The captured steps' memory, free between replays, goes back to the driver for the VAE and sampler.
+        crate::device::trim_graph_memory(&self.device);
         let before = crate::device::memory(&self.device);
         // bf16 halves the decoder's memory (the SD VAE overflows in fp16, not in bf16); fp32 elsewhere.
         let vae_dtype = if self.dtype == DType::BF16 {

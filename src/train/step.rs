@@ -20,6 +20,63 @@ fn per_sample(values: impl Iterator<Item = f64>, device: &candle_core::Device) -
     Tensor::from_vec(v, (n, 1, 1, 1), device)
 }
 
+/// What a batch's loss needs per sample, on the device: √ᾱ and √(1 − ᾱ) [B,1,1,1], the timesteps [B] and, with
+/// min-SNR-γ, the loss weights [B].
+pub struct LossInputs {
+    a: Tensor,
+    s: Tensor,
+    t: Tensor,
+    weights: Option<Tensor>,
+}
+
+impl LossInputs {
+    pub fn new(
+        schedule: &NoiseSchedule,
+        options: LossOptions,
+        timesteps: &[usize],
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let ac: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| schedule.alphas_cumprod[t])
+            .collect();
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let weights = (options.min_snr_gamma > 0.0).then(|| {
+            let g = options.min_snr_gamma;
+            let w: Vec<f32> = timesteps
+                .iter()
+                .map(|&t| {
+                    let snr = schedule.snr(t);
+                    let w = match options.prediction {
+                        Prediction::Epsilon => snr.min(g) / snr,
+                        Prediction::V => snr.min(g) / (snr + 1.0),
+                    };
+                    w as f32
+                })
+                .collect();
+            Tensor::from_vec(w, timesteps.len(), device)
+        });
+        Ok(LossInputs {
+            a: per_sample(ac.iter().map(|a| a.sqrt()), device)?,
+            s: per_sample(ac.iter().map(|a| (1.0 - a).sqrt()), device)?,
+            t: Tensor::from_vec(t, timesteps.len(), device)?,
+            weights: weights.transpose()?,
+        })
+    }
+
+    /// Overwrites these tensors with `other`'s values (same batch size and options), in place: a step captured
+    /// as a CUDA graph reads its inputs at fixed addresses.
+    pub fn copy_from(&self, other: &LossInputs) -> Result<()> {
+        self.a.slice_set(&other.a, 0, 0)?;
+        self.s.slice_set(&other.s, 0, 0)?;
+        self.t.slice_set(&other.t, 0, 0)?;
+        if let (Some(w), Some(o)) = (&self.weights, &other.weights) {
+            w.slice_set(o, 0, 0)?;
+        }
+        Ok(())
+    }
+}
+
 /// Mean loss over the batch for clean `latents` [B,4,h,w], text `context` [B,N,C], `timesteps` (one per sample)
 /// and `noise` shaped like the latents.
 pub fn diffusion_loss(
@@ -31,41 +88,33 @@ pub fn diffusion_loss(
     timesteps: &[usize],
     noise: &Tensor,
 ) -> Result<Tensor> {
-    let dev = latents.device();
-    let ac: Vec<f64> = timesteps
-        .iter()
-        .map(|&t| schedule.alphas_cumprod[t])
-        .collect();
-    let a = per_sample(ac.iter().map(|a| a.sqrt()), dev)?;
-    let s = per_sample(ac.iter().map(|a| (1.0 - a).sqrt()), dev)?;
+    let inputs = LossInputs::new(schedule, options, timesteps, latents.device())?;
+    loss_from(unet, options, latents, context, noise, &inputs)
+}
+
+/// `diffusion_loss` from per-sample inputs already on the device (no host → device copy: capturable).
+pub fn loss_from(
+    unet: &UNet,
+    options: LossOptions,
+    latents: &Tensor,
+    context: &Tensor,
+    noise: &Tensor,
+    inputs: &LossInputs,
+) -> Result<Tensor> {
+    let (a, s) = (&inputs.a, &inputs.s);
     let x0 = latents.to_dtype(DType::F32)?;
     let eps = noise.to_dtype(DType::F32)?;
-    let noisy = (x0.broadcast_mul(&a)? + eps.broadcast_mul(&s)?)?;
+    let noisy = (x0.broadcast_mul(a)? + eps.broadcast_mul(s)?)?;
     let target = match options.prediction {
         Prediction::Epsilon => eps.clone(),
-        Prediction::V => (eps.broadcast_mul(&a)? - x0.broadcast_mul(&s)?)?,
+        Prediction::V => (eps.broadcast_mul(a)? - x0.broadcast_mul(s)?)?,
     };
-    let t = Tensor::from_vec(
-        timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-        timesteps.len(),
-        dev,
-    )?;
-    let pred = unet.forward(&noisy, &t, context)?.to_dtype(DType::F32)?;
+    let pred = unet
+        .forward(&noisy, &inputs.t, context)?
+        .to_dtype(DType::F32)?;
     let per = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
-    if options.min_snr_gamma <= 0.0 {
-        return per.mean_all();
+    match &inputs.weights {
+        None => per.mean_all(),
+        Some(w) => (per * w)?.mean_all(),
     }
-    let g = options.min_snr_gamma;
-    let weights: Vec<f32> = timesteps
-        .iter()
-        .map(|&t| {
-            let snr = schedule.snr(t);
-            let w = match options.prediction {
-                Prediction::Epsilon => snr.min(g) / snr,
-                Prediction::V => snr.min(g) / (snr + 1.0),
-            };
-            w as f32
-        })
-        .collect();
-    (per * Tensor::from_vec(weights, timesteps.len(), dev)?)?.mean_all()
 }

@@ -1,0 +1,249 @@
+//! `lora-studio bench kernels`: each of our fused CUDA kernels against the chain of candle ops it replaces, at
+//! SD1.5's shapes — how far its results are from the CPU's f32 composite form, and the GPU time of both forms.
+
+use std::process::ExitCode;
+
+pub fn run(batch: usize, json: bool) -> Result<ExitCode, String> {
+    #[cfg(feature = "cuda")]
+    {
+        let rows = measure::all(batch).map_err(|e| format!("bench kernels failed: {e}"))?;
+        let table = measure::table(&rows);
+        super::bench::print_result(&rows, json, table)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (batch, json);
+        Err("bench kernels measures the CUDA kernels: build with `--features cuda` and run it on an NVIDIA GPU".into())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod measure {
+    use crate::model::attention::attention;
+    use crate::model::fused;
+    use crate::model::layers::{GroupNorm, LayerNorm};
+    use crate::train::optim::{Group, Optimizer, OptimizerKind, OptimizerParams};
+    use candle_core::{DType, Device, Result, Tensor, Var};
+    use std::time::Instant;
+
+    #[derive(serde::Serialize)]
+    pub struct Row {
+        op: String,
+        /// The largest |GPU − CPU| over all outputs, relative to the largest |CPU| value of that output.
+        max_rel_error: f64,
+        fused_ms: f64,
+        composite_ms: f64,
+    }
+
+    /// Inputs (made on the CPU from a seed, then moved) and the op under test, returning its outputs.
+    struct Case {
+        op: String,
+        inputs: Vec<Vec<usize>>,
+        run: Box<dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>>,
+    }
+
+    fn inputs(shapes: &[Vec<usize>], dtype: DType, device: &Device) -> Result<Vec<Tensor>> {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let normal = rand_distr::StandardNormal;
+        shapes
+            .iter()
+            .map(|s| {
+                let n = s.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
+                // Rounded to bf16 first, so that both devices start from the same values.
+                Tensor::from_vec(v, s.as_slice(), &Device::Cpu)?
+                    .to_dtype(DType::BF16)?
+                    .to_dtype(dtype)?
+                    .to_device(device)
+            })
+            .collect()
+    }
+
+    /// Outputs and the input gradients of Σ out ⊙ g (g the last input) with respect to the first `n` inputs.
+    fn with_grads(
+        xs: &[Tensor],
+        n: usize,
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        let vars: Vec<Var> = xs[..n]
+            .iter()
+            .map(Var::from_tensor)
+            .collect::<Result<_>>()?;
+        let mut args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        args.extend_from_slice(&xs[n..]);
+        let y = f(&args)?;
+        let g = xs.last().expect("an upstream gradient");
+        let grads = (&y * g)?.sum_all()?.backward()?;
+        let mut out = vec![y];
+        for v in &vars {
+            out.push(grads.get(v).expect("a gradient").clone());
+        }
+        Ok(out)
+    }
+
+    fn cases(b: usize) -> Vec<Case> {
+        let norm = |groups| {
+            move |xs: &[Tensor]| {
+                let c = xs[1].dim(0)?;
+                let w = xs[1].to_dtype(DType::F32)?;
+                let bias = xs[2].to_dtype(DType::F32)?;
+                match groups {
+                    Some(g) => GroupNorm::new(w, bias, g, 1e-5).forward(&xs[0]),
+                    None => LayerNorm::new(w, bias, 1e-5).forward(&xs[0].reshape(((), c))?),
+                }
+            }
+        };
+        let attn = |xs: &[Tensor]| attention(&xs[0], &xs[1], &xs[2], 8, None);
+        vec![
+            Case {
+                op: format!("GroupNorm [{b}, 320, 64, 64], 32 groups: forward + backward"),
+                inputs: vec![
+                    vec![b, 320, 64, 64],
+                    vec![320],
+                    vec![320],
+                    vec![b, 320, 64, 64],
+                ],
+                run: Box::new(move |xs| with_grads(xs, 1, norm(Some(32)))),
+            },
+            Case {
+                op: format!("LayerNorm [{}, 320]: forward + backward", b * 4096),
+                inputs: vec![
+                    vec![b * 4096, 320],
+                    vec![320],
+                    vec![320],
+                    vec![b * 4096, 320],
+                ],
+                run: Box::new(move |xs| with_grads(xs, 1, norm(None))),
+            },
+            Case {
+                op: format!("self-attention [{b}, 4096, 320], 8 heads: forward + backward"),
+                inputs: vec![vec![b, 4096, 320]; 4],
+                run: Box::new(move |xs| with_grads(xs, 3, attn)),
+            },
+            Case {
+                op: format!("cross-attention [{b}, 4096, 320] over 77 tokens: forward + backward"),
+                inputs: vec![
+                    vec![b, 4096, 320],
+                    vec![b, 77, 320],
+                    vec![b, 77, 320],
+                    vec![b, 4096, 320],
+                ],
+                run: Box::new(move |xs| with_grads(xs, 3, attn)),
+            },
+            Case {
+                op: "AdamW, 128 adapter matrices [16, 320] (norm, clip, update)".into(),
+                inputs: vec![vec![16, 320]; 256],
+                run: Box::new(adamw),
+            },
+        ]
+    }
+
+    /// The change one AdamW step makes to the first half of `xs` (as variables) with the second half as their gradients.
+    fn adamw(xs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let n = xs.len() / 2;
+        let vars: Vec<Var> = xs[..n]
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(DType::F32)?))
+            .collect::<Result<_>>()?;
+        // Σ p ⊙ g has exactly g as the gradient of each p.
+        let mut loss = Tensor::zeros((), DType::F32, xs[0].device())?;
+        for (v, g) in vars.iter().zip(&xs[n..]) {
+            loss = (loss + (v.as_tensor() * g.to_dtype(DType::F32)?)?.sum_all()?)?;
+        }
+        let store = loss.backward()?;
+        let group = Group {
+            vars: vars.clone(),
+            lr: 1e-3,
+        };
+        let mut opt = Optimizer::new(
+            OptimizerKind::AdamW,
+            OptimizerParams::default(),
+            vec![group],
+        );
+        let before: Vec<Tensor> = vars
+            .iter()
+            .map(|v| v.as_tensor().copy())
+            .collect::<Result<_>>()?;
+        opt.step(&store, 1.0, 1.0, 1.0)?;
+        // The updates, not the parameters: an error in an update is small next to the parameter itself.
+        vars.iter()
+            .zip(&before)
+            .map(|(v, b)| v.as_tensor() - b)
+            .collect()
+    }
+
+    fn max_rel_error(gpu: &[Tensor], cpu: &[Tensor]) -> Result<f64> {
+        let mut worst = 0f64;
+        for (a, b) in gpu.iter().zip(cpu) {
+            let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+            let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64;
+            worst = worst.max(diff / scale.max(1e-12));
+        }
+        Ok(worst)
+    }
+
+    /// Median wall time of `run` on the GPU over a few repetitions, synchronised, after one warm-up.
+    fn time(case: &Case, xs: &[Tensor], device: &Device) -> Result<f64> {
+        let mut times = Vec::new();
+        for i in 0..6 {
+            device.synchronize()?;
+            let start = Instant::now();
+            drop((case.run)(xs)?);
+            device.synchronize()?;
+            if i > 0 {
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    pub fn all(batch: usize) -> Result<Vec<Row>> {
+        let (device, warning) = crate::device::best();
+        if !device.is_cuda() {
+            candle_core::bail!(
+                "{}",
+                warning.unwrap_or_else(|| "no CUDA GPU is in use".into())
+            );
+        }
+        let mut rows = Vec::new();
+        for case in cases(batch) {
+            let reference = (case.run)(&inputs(&case.inputs, DType::F32, &Device::Cpu)?)?;
+            let xs = inputs(&case.inputs, DType::BF16, &device)?;
+            fused::set_enabled(true);
+            let max_rel_error = max_rel_error(&(case.run)(&xs)?, &reference)?;
+            let fused_ms = time(&case, &xs, &device)?;
+            fused::set_enabled(false);
+            let composite_ms = time(&case, &xs, &device)?;
+            fused::set_enabled(true);
+            rows.push(Row {
+                op: case.op,
+                max_rel_error,
+                fused_ms,
+                composite_ms,
+            });
+        }
+        Ok(rows)
+    }
+
+    pub fn table(rows: &[Row]) -> String {
+        let mut s = String::from(
+            "fused CUDA kernels vs the candle ops they replace (bf16 on the GPU; error vs the CPU's f32)\n\
+             | op | max rel. error | fused | composite | speed-up |\n|---|---:|---:|---:|---:|\n",
+        );
+        for r in rows {
+            s += &format!(
+                "| {} | {:.1e} | {:.2} ms | {:.2} ms | {:.1}× |\n",
+                r.op,
+                r.max_rel_error,
+                r.fused_ms,
+                r.composite_ms,
+                r.composite_ms / r.fused_ms
+            );
+        }
+        s
+    }
+}

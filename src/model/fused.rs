@@ -1,0 +1,284 @@
+//! Our fused CUDA kernels (`kernels/train.cu`): each does in one launch what a chain of candle ops did in 10–20.
+//! At SD's batch sizes a training step is bound by per-launch host overhead, not by the GPU's arithmetic, so
+//! fewer launches is most of the speed. Inputs must be contiguous; arithmetic is f32 whatever the element type.
+//! The CPU keeps the composite forms (the reference the kernels are checked against by `bench kernels`).
+
+use super::layers::NormShape;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
+use candle_core::{DType, Device, Result, Shape, Storage, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
+
+/// Off with `LORA_STUDIO_FUSED=0`: the composite forms then run on the GPU too (to compare speed or results).
+static DISABLED: std::sync::LazyLock<AtomicBool> = std::sync::LazyLock::new(|| {
+    AtomicBool::new(std::env::var("LORA_STUDIO_FUSED").is_ok_and(|v| v == "0"))
+});
+
+/// Whether ops on `device` use the fused kernels.
+pub fn on(device: &Device) -> bool {
+    device.is_cuda() && !DISABLED.load(Ordering::Relaxed)
+}
+
+/// Turns the fused kernels off or on for the whole process (benchmarks compare both).
+pub fn set_enabled(enabled: bool) {
+    DISABLED.store(!enabled, Ordering::Relaxed);
+}
+
+enum Arg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+    Size(usize),
+}
+
+/// The device address of a contiguous tensor's first element.
+fn ptr(t: &Tensor) -> Result<Arg> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*s else {
+        candle_core::bail!("fused kernel: a tensor is not on the GPU")
+    };
+    let Some((start, _)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused kernel: a tensor is not contiguous")
+    };
+    let stream = c.device.cuda_stream();
+    let base = match &c.slice {
+        CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+        CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+        _ => candle_core::bail!("fused kernel: unsupported dtype {:?}", t.dtype()),
+    };
+    Ok(Arg::Ptr(base + (start * t.dtype().size_in_bytes()) as u64))
+}
+
+fn cuda(t: &Tensor) -> Result<&CudaDevice> {
+    t.device().as_cuda_device()
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        dt => candle_core::bail!("fused kernel: unsupported dtype {dt:?}"),
+    })
+}
+
+/// Launches `name` (the dtype suffix already added) on `grid` blocks of `block` threads.
+fn launch(dev: &CudaDevice, name: &str, grid: usize, block: u32, args: &[Arg]) -> Result<()> {
+    let func = dev.get_or_load_custom_func(name, "lora_studio_train", PTX)?;
+    let mut b = func.builder();
+    for a in args {
+        match a {
+            Arg::Ptr(p) => b.arg(p),
+            Arg::I32(v) => b.arg(v),
+            Arg::F32(v) => b.arg(v),
+            Arg::Size(v) => b.arg(v),
+        };
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (grid.max(1) as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments match the kernel's signature in kernels/train.cu, and every pointer is a live,
+    // contiguous device buffer of the element count the kernel is told.
+    unsafe { b.launch(cfg) }
+        .map_err(|e| candle_core::Error::Msg(format!("fused kernel {name}: {e}")))?;
+    Ok(())
+}
+
+/// Blocks for a grid-stride loop over `n` elements.
+fn grid_for(n: usize) -> usize {
+    n.div_ceil(256).clamp(1, 65_535)
+}
+
+/// Threads per block for a reduction over rows of `n` elements.
+fn block_for(n: usize) -> u32 {
+    if n >= 4096 {
+        512
+    } else if n >= 512 {
+        256
+    } else {
+        64
+    }
+}
+
+/// # Safety
+/// Uninitialised: every element must be written by the kernel the tensor is handed to.
+unsafe fn output(shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    unsafe { Tensor::empty(shape, dtype, device) }
+}
+
+/// y = normalised rows · w + b, and each row's mean and 1/σ ([rows, 1], f32).
+pub fn norm_forward(
+    x: &Tensor,
+    (w, b): (&Tensor, &Tensor),
+    s: NormShape,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let n = x.elem_count() / s.rows;
+    let y = unsafe { output(x.shape(), x.dtype(), x.device())? };
+    let mean = unsafe { output((s.rows, 1), DType::F32, x.device())? };
+    let rstd = unsafe { output((s.rows, 1), DType::F32, x.device())? };
+    let name = format!("norm_fwd_{}", suffix(x.dtype())?);
+    let args = [
+        ptr(&x)?,
+        ptr(&y)?,
+        ptr(&mean)?,
+        ptr(&rstd)?,
+        ptr(&w.contiguous()?)?,
+        ptr(&b.contiguous()?)?,
+        Arg::I32(n as i32),
+        Arg::I32(s.inner as i32),
+        Arg::I32(s.channels as i32),
+        Arg::F32(eps as f32),
+    ];
+    launch(cuda(&x)?, &name, s.rows, block_for(n), &args)?;
+    Ok((y, mean, rstd))
+}
+
+/// The input gradient of `norm_forward` from the output gradient `g`.
+pub fn norm_backward(
+    x: &Tensor,
+    g: &Tensor,
+    (mean, rstd): (&Tensor, &Tensor),
+    w: &Tensor,
+    s: NormShape,
+) -> Result<Tensor> {
+    let (x, g) = (x.contiguous()?, g.to_dtype(x.dtype())?.contiguous()?);
+    let n = x.elem_count() / s.rows;
+    let dx = unsafe { output(x.shape(), x.dtype(), x.device())? };
+    let name = format!("norm_bwd_{}", suffix(x.dtype())?);
+    let args = [
+        ptr(&x)?,
+        ptr(&g)?,
+        ptr(&dx)?,
+        ptr(mean)?,
+        ptr(rstd)?,
+        ptr(&w.contiguous()?)?,
+        Arg::I32(n as i32),
+        Arg::I32(s.inner as i32),
+        Arg::I32(s.channels as i32),
+    ];
+    launch(cuda(&x)?, &name, s.rows, block_for(n), &args)?;
+    Ok(dx)
+}
+
+/// Softmax over the last dimension of attention scores `s` [.., n]: probabilities (s's dtype) and each row's
+/// log-sum-exp ([.., 1], f32).
+pub fn softmax_forward(s: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s = s.contiguous()?;
+    let dims = s.dims();
+    let n = dims[dims.len() - 1];
+    let rows = s.elem_count() / n;
+    let p = unsafe { output(s.shape(), s.dtype(), s.device())? };
+    let mut lse_shape = dims.to_vec();
+    *lse_shape.last_mut().expect("scores have a key dimension") = 1;
+    let lse = unsafe { output(lse_shape, DType::F32, s.device())? };
+    let name = format!("softmax_fwd_{}", suffix(s.dtype())?);
+    let args = [ptr(&s)?, ptr(&p)?, ptr(&lse)?, Arg::I32(n as i32)];
+    launch(cuda(&s)?, &name, rows, block_for(n), &args)?;
+    Ok((p, lse))
+}
+
+/// Backward through attention's softmax from scores `s`, dP = dO·Vᵀ and the rows' log-sum-exp and
+/// delta = rowsum(dO ⊙ O): the probabilities P and dS = P ⊙ (dP − delta), both in s's dtype.
+pub fn softmax_backward(
+    s: &Tensor,
+    dp: &Tensor,
+    lse: &Tensor,
+    delta: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let (s, dp) = (s.contiguous()?, dp.contiguous()?);
+    let n = s.dim(candle_core::D::Minus1)?;
+    let total = s.elem_count();
+    let p = unsafe { output(s.shape(), s.dtype(), s.device())? };
+    let ds = unsafe { output(s.shape(), s.dtype(), s.device())? };
+    let name = format!("softmax_bwd_{}", suffix(s.dtype())?);
+    let args = [
+        ptr(&s)?,
+        ptr(&dp)?,
+        ptr(&lse.contiguous()?)?,
+        ptr(&delta.contiguous()?)?,
+        ptr(&p)?,
+        ptr(&ds)?,
+        Arg::Size(total),
+        Arg::I32(n as i32),
+    ];
+    launch(cuda(&s)?, &name, grid_for(total), 256, &args)?;
+    Ok((p, ds))
+}
+
+/// Σ a·b over the last dimension, in f32, keeping that dimension as 1.
+pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let dims = a.dims();
+    let n = dims[dims.len() - 1];
+    let rows = a.elem_count() / n;
+    let mut out_shape = dims.to_vec();
+    *out_shape.last_mut().expect("rows have a last dimension") = 1;
+    let out = unsafe { output(out_shape, DType::F32, a.device())? };
+    let name = format!("row_dot_{}", suffix(a.dtype())?);
+    let args = [
+        ptr(&a)?,
+        ptr(&b)?,
+        ptr(&out)?,
+        Arg::I32(rows as i32),
+        Arg::I32(n as i32),
+    ];
+    // Eight rows (warps) per block.
+    launch(cuda(&a)?, &name, rows.div_ceil(8), 256, &args)?;
+    Ok(out)
+}
+
+/// `acc += x` in place; `acc` is a contiguous f32 tensor that no other tensor shares.
+pub fn accumulate(acc: &Tensor, x: &Tensor) -> Result<()> {
+    let x = x.contiguous()?;
+    let n = x.elem_count();
+    let name = format!("acc_add_{}", suffix(x.dtype())?);
+    let args = [ptr(acc)?, ptr(&x)?, Arg::Size(n)];
+    launch(cuda(&x)?, &name, grid_for(n), 256, &args)
+}
+
+/// `acc += Σ x²` into the one-element f32 tensor `acc`.
+pub fn add_sum_of_squares(x: &Tensor, acc: &Tensor) -> Result<()> {
+    let x = x.contiguous()?;
+    let n = x.elem_count();
+    let name = format!("sum_squares_{}", suffix(x.dtype())?);
+    let args = [ptr(&x)?, ptr(acc)?, Arg::Size(n)];
+    launch(cuda(&x)?, &name, grid_for(n).min(1024), 256, &args)
+}
+
+/// One AdamW update of the f32 parameter `p` and its moments `m`, `v`, all in place, from gradient `g`, with the
+/// global Σ g² in `sumsq` and the group's hyper-parameters in `hyper` (both device tensors; see
+/// `adamw_f32` in kernels/train.cu for the layout).
+pub fn adamw(
+    p: &Tensor,
+    g: &Tensor,
+    (m, v): (&Tensor, &Tensor),
+    sumsq: &Tensor,
+    hyper: &Tensor,
+) -> Result<()> {
+    let g = g.to_dtype(DType::F32)?.contiguous()?;
+    let n = p.elem_count();
+    let args = [
+        ptr(p)?,
+        ptr(&g)?,
+        ptr(m)?,
+        ptr(v)?,
+        Arg::Size(n),
+        ptr(sumsq)?,
+        ptr(hyper)?,
+    ];
+    launch(cuda(p)?, "adamw_f32", grid_for(n), 256, &args)
+}
+
+/// Sets every element of the contiguous f32 tensor `x` to `value`, in place.
+pub fn fill(x: &Tensor, value: f32) -> Result<()> {
+    let n = x.elem_count();
+    let args = [ptr(x)?, Arg::F32(value), Arg::Size(n)];
+    launch(cuda(x)?, "fill_f32", grid_for(n), 256, &args)
+}
