@@ -168,6 +168,24 @@ extern "C" __global__ void fill_f32(float *x, float value, size_t n) {
     x[i] = value;
 }
 
+// The columns of a 2-D convolution as one matrix col [C·kh·kw, B·oh·ow]: row k = (c·kh + ky)·kw + kx (the
+// order of a [N, C, kh, kw] weight), column b·oh·ow + oy·ow + ox; zero where the window leaves the padded input.
+// Then weight [N, C·kh·kw] · col is the output in [N, B, oh, ow] order. Consecutive threads take consecutive
+// output positions, so the reads of one kernel offset are (for stride 1) consecutive too.
+template <typename T>
+__device__ void im2col(const T *x, T *col, int b, int c, int h, int w, int kh, int kw, int stride, int pad, int oh,
+                       int ow) {
+  size_t positions = (size_t)oh * ow, cols = (size_t)b * positions, total = (size_t)c * kh * kw * cols;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    size_t k = i / cols, r = i % cols;
+    int bi = (int)(r / positions), p = (int)(r % positions);
+    int kx = (int)(k % kw), ky = (int)((k / kw) % kh), ci = (int)(k / ((size_t)kw * kh));
+    int iy = (p / ow) * stride - pad + ky, ix = (p % ow) * stride - pad + kx;
+    bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+    col[i] = inside ? x[(((size_t)bi * c + ci) * h + iy) * w + ix] : from_f<T>(0.f);
+  }
+}
+
 #define ENTRY_POINTS(T, SUFFIX)                                                                                     \
   extern "C" __global__ void norm_fwd_##SUFFIX(const T *x, T *y, float *mean, float *rstd, const float *w,         \
                                                const float *b, int n, int inner, int channels, float eps) {       \
@@ -188,7 +206,11 @@ extern "C" __global__ void fill_f32(float *x, float value, size_t n) {
     row_dot<T>(a, b, out, rows, n);                                                                                \
   }                                                                                                               \
   extern "C" __global__ void acc_add_##SUFFIX(float *acc, const T *x, size_t n) { acc_add<T>(acc, x, n); }        \
-  extern "C" __global__ void sum_squares_##SUFFIX(const T *x, float *acc, size_t n) { sum_squares<T>(x, acc, n); }
+  extern "C" __global__ void sum_squares_##SUFFIX(const T *x, float *acc, size_t n) { sum_squares<T>(x, acc, n); } \
+  extern "C" __global__ void im2col_##SUFFIX(const T *x, T *col, int b, int c, int h, int w, int kh, int kw,       \
+                                             int stride, int pad, int oh, int ow) {                              \
+    im2col<T>(x, col, b, c, h, w, kh, kw, stride, pad, oh, ow);                                                   \
+  }
 
 ENTRY_POINTS(float, f32)
 ENTRY_POINTS(__nv_bfloat16, bf16)

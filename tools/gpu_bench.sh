@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool), from the repository root: our training benchmark and the PyTorch reference
-# in the same run, on the same GPU. Needs dist/lora-studio.xz (the CUDA build, see README "GPU build") and .bench/
+# On the GPU machine (device tool), from the repository root: our kernel and training benchmarks and the PyTorch
+# reference in the same run, on the same GPU. Needs dist/lora-studio.xz (the CUDA build, see README "GPU build") and .bench/
 # (torch_ref_bench.py + the diffusers and peft wheels, see ../shared/bench/README.md). Results go to $OUT.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,6 +16,8 @@ run_ours() {
     timeout 300 "$BIN" bench train --family sd15 --resolution 512 --rank 16 $args --json >> "$OUT/ours.jsonl" 2>> "$OUT/ours.log"
   done
 }
+"$BIN" bench kernels --batch 1 > "$OUT/kernels-b1.txt" 2>&1
+"$BIN" bench kernels --batch 4 > "$OUT/kernels-b4.txt" 2>&1
 run_ours "--batch 1 --recompute on" "--batch 1 --recompute off" "--batch 4 --recompute off" "--batch 4 --recompute on"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .bench/whl/*.whl > /dev/null 2>&1
 PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 400 python3 .bench/torch_ref_bench.py --cases sd15 --sdpa nocudnn \

@@ -33,10 +33,11 @@ struct FrozenBase {
 }
 
 impl FrozenBase {
-    /// dx of a conv: for stride 1 a conv with the kernel transposed (in↔out) and flipped (candle's
-    /// conv_transpose2d is a naive kernel on CUDA, ~12× slower); otherwise the transposed conv with the output
-    /// padding that restores the input size. The flipped kernel is made per backward rather than cached: a
-    /// second copy of every conv weight would cost ~1 GB for SD1.5, more than its few small kernels cost in time.
+    /// dx of a conv: a stride-1 conv of the output gradient — dilated by the stride (zeros between its
+    /// elements, plus the rows and columns the forward's rounding dropped) — with the kernel transposed (in↔out)
+    /// and flipped. candle's conv_transpose2d, the textbook form, is a naive kernel on CUDA (~12× slower). The
+    /// flipped kernel is made per backward rather than cached: a second copy of every conv weight would cost
+    /// ~1 GB for SD1.5, more than its few small kernels cost in time.
     fn conv_input_grad(
         &self,
         x: &Tensor,
@@ -45,20 +46,42 @@ impl FrozenBase {
         padding: usize,
     ) -> Result<Tensor> {
         let (_, _, kh, _) = self.w.dims4()?;
-        if stride == 1 {
-            let flipped = self
-                .w
-                .transpose(0, 1)?
-                .contiguous()?
-                .flip(&[2, 3])?
-                .contiguous()?;
-            return g.conv2d(&flipped, kh - 1 - padding, 1, 1, 1);
-        }
-        let (_, _, h, _) = x.dims4()?;
-        let (_, _, gh, _) = g.dims4()?;
-        let out_pad = h - ((gh - 1) * stride + kh - 2 * padding);
-        g.conv_transpose2d(&self.w, padding, out_pad, stride, 1)
+        let flipped = self
+            .w
+            .transpose(0, 1)?
+            .contiguous()?
+            .flip(&[2, 3])?
+            .contiguous()?;
+        let g = if stride == 1 {
+            g.clone()
+        } else {
+            let (_, _, h, w) = x.dims4()?;
+            let (h_out, w_out) = (h + 2 * padding + 1 - kh, w + 2 * padding + 1 - kh);
+            dilate(&dilate(g, 2, stride, h_out)?, 3, stride, w_out)?
+        };
+        conv2d(&g, &flipped, kh - 1 - padding, 1)
     }
+}
+
+/// `x.conv2d(w, padding, stride, 1, 1)`, with our faster form on the GPU.
+fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fused::on(x.device()) {
+        return super::fused::conv2d(x, w, padding, stride);
+    }
+    x.conv2d(w, padding, stride, 1, 1)
+}
+
+/// `t` with `stride − 1` zeros after each element along `dim`, cut to `len` elements.
+fn dilate(t: &Tensor, dim: usize, stride: usize, len: usize) -> Result<Tensor> {
+    let mut parts = vec![t.unsqueeze(dim + 1)?];
+    let zeros = parts[0].zeros_like()?;
+    parts.extend(std::iter::repeat_n(zeros, stride - 1));
+    let mut dims = t.dims().to_vec();
+    dims[dim] *= stride;
+    Tensor::cat(&parts, dim + 1)?
+        .reshape(dims)?
+        .narrow(dim, 0, len)
 }
 
 impl CustomOp1 for FrozenBase {
@@ -97,7 +120,7 @@ fn frozen_base(
         AdapterShape::Conv {
             stride, padding, ..
         } => {
-            let y = xd.conv2d(w, padding, stride, 1, 1)?;
+            let y = conv2d(&xd, w, padding, stride)?;
             match bias {
                 Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
                 None => y,
