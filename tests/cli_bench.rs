@@ -1,4 +1,5 @@
-//! `lora-studio bench train` runs a real training step end to end (tiny network on the CPU).
+//! `lora-studio bench train` runs a real training step end to end (tiny network on the CPU); `bench kernels`
+//! needs a CUDA build.
 
 #[test]
 fn bench_train_reports_a_finite_training_step() {
@@ -32,4 +33,18 @@ fn bench_train_reports_a_finite_training_step() {
         r["adapters"], 32,
         "q, k, v, out in both attentions of the 4 transformer blocks"
     );
+    assert_eq!(r["graph"], false, "CUDA graphs need a GPU");
+}
+
+/// Without CUDA, `bench kernels` says what it needs instead of measuring nothing.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn bench_kernels_explains_it_needs_a_cuda_build() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lora-studio"))
+        .args(["bench", "kernels"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--features cuda"), "{err}");
 }
