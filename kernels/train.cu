@@ -170,19 +170,39 @@ extern "C" __global__ void fill_f32(float *x, float value, size_t n) {
 
 // The columns of a 2-D convolution as one matrix col [C·kh·kw, B·oh·ow]: row k = (c·kh + ky)·kw + kx (the
 // order of a [N, C, kh, kw] weight), column b·oh·ow + oy·ow + ox; zero where the window leaves the padded input.
-// Then weight [N, C·kh·kw] · col is the output in [N, B, oh, ow] order. Consecutive threads take consecutive
-// output positions, so the reads of one kernel offset are (for stride 1) consecutive too.
+// Then weight [N, C·kh·kw] · col is the output in [N, B, oh, ow] order. Grid rows (blockIdx.y) are input
+// channels; a thread finds its output position once (integer division is what bounded a thread-per-element
+// form) and writes the kh·kw rows of its channel, each write coalesced across the block.
 template <typename T>
 __device__ void im2col(const T *x, T *col, int b, int c, int h, int w, int kh, int kw, int stride, int pad, int oh,
                        int ow) {
-  size_t positions = (size_t)oh * ow, cols = (size_t)b * positions, total = (size_t)c * kh * kw * cols;
+  int ci = blockIdx.y, positions = oh * ow, cols = b * positions;
+  for (int r = blockIdx.x * blockDim.x + threadIdx.x; r < cols; r += gridDim.x * blockDim.x) {
+    int bi = r / positions, p = r - bi * positions;
+    int oy = p / ow, ox = p - oy * ow;
+    const T *plane = x + ((size_t)bi * c + ci) * h * w;
+    T *out = col + (size_t)ci * kh * kw * cols + r;
+    for (int ky = 0; ky < kh; ky++) {
+      int iy = oy * stride - pad + ky;
+      for (int kx = 0; kx < kw; kx++) {
+        int ix = ox * stride - pad + kx;
+        bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+        out[(size_t)(ky * kw + kx) * cols] = inside ? plane[iy * w + ix] : from_f<T>(0.f);
+      }
+    }
+  }
+}
+
+// A conv's matmul output y [N, B, P] to [B, N, P], plus the bias of each output channel when `bias` is set.
+template <typename T>
+__device__ void conv_output(const T *y, const float *bias, T *out, int n, int b, int positions) {
+  size_t total = (size_t)n * b * positions;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-    size_t k = i / cols, r = i % cols;
-    int bi = (int)(r / positions), p = (int)(r % positions);
-    int kx = (int)(k % kw), ky = (int)((k / kw) % kh), ci = (int)(k / ((size_t)kw * kh));
-    int iy = (p / ow) * stride - pad + ky, ix = (p % ow) * stride - pad + kx;
-    bool inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
-    col[i] = inside ? x[(((size_t)bi * c + ci) * h + iy) * w + ix] : from_f<T>(0.f);
+    int p = (int)(i % positions);
+    size_t rest = i / positions;
+    int ni = (int)(rest % n), bi = (int)(rest / n);
+    float v = to_f(y[((size_t)ni * b + bi) * positions + p]);
+    out[i] = from_f<T>(bias ? v + bias[ni] : v);
   }
 }
 
@@ -210,6 +230,10 @@ __device__ void im2col(const T *x, T *col, int b, int c, int h, int w, int kh, i
   extern "C" __global__ void im2col_##SUFFIX(const T *x, T *col, int b, int c, int h, int w, int kh, int kw,       \
                                              int stride, int pad, int oh, int ow) {                              \
     im2col<T>(x, col, b, c, h, w, kh, kw, stride, pad, oh, ow);                                                   \
+  }                                                                                                               \
+  extern "C" __global__ void conv_output_##SUFFIX(const T *y, const float *bias, T *out, int n, int b,             \
+                                                  int positions) {                                                \
+    conv_output<T>(y, bias, out, n, b, positions);                                                                \
   }
 
 ENTRY_POINTS(float, f32)

@@ -43,6 +43,9 @@ pub enum BenchCommand {
     Kernels {
         #[arg(long, default_value_t = 1)]
         batch: usize,
+        /// Only the ops whose description contains this text (e.g. "conv"), to profile one op.
+        #[arg(long)]
+        only: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -51,7 +54,9 @@ pub enum BenchCommand {
 pub fn run(cmd: BenchCommand) -> Result<ExitCode, String> {
     match cmd {
         BenchCommand::Train(args) => super::bench_train::run(&args),
-        BenchCommand::Kernels { batch, json } => super::bench_kernels::run(batch, json),
+        BenchCommand::Kernels { batch, only, json } => {
+            super::bench_kernels::run(batch, only.as_deref(), json)
+        }
         BenchCommand::GuiTrain { max_frames, json } => {
             let result = gui_train_bench(max_frames)?;
             print_result(&result, json, result.table())

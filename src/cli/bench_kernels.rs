@@ -3,16 +3,17 @@
 
 use std::process::ExitCode;
 
-pub fn run(batch: usize, json: bool) -> Result<ExitCode, String> {
+pub fn run(batch: usize, only: Option<&str>, json: bool) -> Result<ExitCode, String> {
     #[cfg(feature = "cuda")]
     {
-        let rows = measure::all(batch).map_err(|e| format!("bench kernels failed: {e}"))?;
+        let rows = measure::all(batch, only.unwrap_or(""))
+            .map_err(|e| format!("bench kernels failed: {e}"))?;
         let table = measure::table(&rows);
         super::bench::print_result(&rows, json, table)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (batch, json);
+        let _ = (batch, only, json);
         Err("bench kernels measures the CUDA kernels: build with `--features cuda` and run it on an NVIDIA GPU".into())
     }
 }
@@ -264,7 +265,7 @@ mod measure {
         Ok(times[times.len() / 2])
     }
 
-    pub fn all(batch: usize) -> Result<Vec<Row>> {
+    pub fn all(batch: usize, only: &str) -> Result<Vec<Row>> {
         let (device, warning) = crate::device::best();
         if !device.is_cuda() {
             candle_core::bail!(
@@ -273,7 +274,7 @@ mod measure {
             );
         }
         let mut rows = Vec::new();
-        for case in cases(batch) {
+        for case in cases(batch).into_iter().filter(|c| c.op.contains(only)) {
             let reference = (case.ours)(&inputs(&case.inputs, DType::F32, &Device::Cpu)?)?;
             let xs = inputs(&case.inputs, DType::BF16, &device)?;
             let max_rel_error = max_rel_error(&(case.ours)(&xs)?, &reference)?;

@@ -59,17 +59,27 @@ impl FrozenBase {
             let (h_out, w_out) = (h + 2 * padding + 1 - kh, w + 2 * padding + 1 - kh);
             dilate(&dilate(g, 2, stride, h_out)?, 3, stride, w_out)?
         };
-        conv2d(&g, &flipped, kh - 1 - padding, 1)
+        conv2d(&g, &flipped, None, kh - 1 - padding, 1)
     }
 }
 
-/// `x.conv2d(w, padding, stride, 1, 1)`, with our faster form on the GPU.
-fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+/// `x.conv2d(w, padding, stride, 1, 1)` plus the per-channel `bias`, with our faster form on the GPU.
+fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if super::fused::on(x.device()) {
-        return super::fused::conv2d(x, w, padding, stride);
+        return super::fused::conv2d(x, w, bias, padding, stride);
     }
-    x.conv2d(w, padding, stride, 1, 1)
+    let y = x.conv2d(w, padding, stride, 1, 1)?;
+    match bias {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(y),
+    }
 }
 
 /// `t` with `stride − 1` zeros after each element along `dim`, cut to `len` elements.
@@ -119,13 +129,7 @@ fn frozen_base(
         }
         AdapterShape::Conv {
             stride, padding, ..
-        } => {
-            let y = conv2d(&xd, w, padding, stride)?;
-            match bias {
-                Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
-                None => y,
-            }
-        }
+        } => conv2d(&xd, w, bias, padding, stride)?,
     };
     if !x.track_op() {
         return Ok(y);

@@ -32,6 +32,8 @@ impl GradSink {
     /// `loss.backward()` plus the gradients of recomputed blocks: use this instead of `backward` on any loss
     /// computed through a network with recompute on.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        // Left over only by a backward that failed part-way: not this loss's.
+        self.0.lock().expect("grad sink lock").clear();
         let mut grads = loss.backward()?;
         let parked: Vec<(Tensor, Tensor)> = self
             .0

@@ -60,6 +60,9 @@ pub struct CapturedStep {
     options: LossOptions,
     runs: usize,
     graph: Option<StepGraph>,
+    /// Why capturing this step failed, if it did: it then runs launched from the host.
+    capture_failed: Option<String>,
+    capture_reported: bool,
 }
 
 /// One batch: latents [B,4,h,w], text context [B,N,C], noise like the latents and the per-sample inputs.
@@ -92,6 +95,8 @@ impl CapturedStep {
             options,
             runs: 0,
             graph: None,
+            capture_failed: None,
+            capture_reported: false,
         })
     }
 
@@ -123,17 +128,35 @@ impl CapturedStep {
             (Some(graph), _) => graph.replay()?,
             // The first run fills candle's upload cache and makes the optimizer's buffers.
             (None, 0) => self.launch(unet, opt)?,
+            (None, _) if self.capture_failed.is_some() => self.launch(unet, opt)?,
             (None, _) => {
                 let device = self.loss.device().clone();
-                let graph = StepGraph::capture(&device, || self.launch(unet, opt))?;
-                graph.replay()?;
-                self.graph = Some(graph);
+                match StepGraph::capture(&device, || self.launch(unet, opt)) {
+                    Ok(graph) => {
+                        graph.replay()?;
+                        self.graph = Some(graph);
+                    }
+                    // Nothing ran while capturing: the step runs launched instead, now and from now on.
+                    Err(e) => {
+                        self.capture_failed = Some(e.to_string());
+                        self.launch(unet, opt)?;
+                    }
+                }
             }
         }
         self.runs += 1;
         let loss = f64::from(self.loss.to_scalar::<f32>()?);
         let norm = opt.finish_step()?;
         Ok((loss, norm))
+    }
+
+    /// Why the capture failed, the first time this is asked after it did.
+    pub fn unreported_capture_error(&mut self) -> Option<String> {
+        if self.capture_reported {
+            return None;
+        }
+        self.capture_reported = self.capture_failed.is_some();
+        self.capture_failed.clone()
     }
 
     /// The step's device work, from and into the buffers.

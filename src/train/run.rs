@@ -486,7 +486,7 @@ impl<'a> Trainer<'a> {
             max_norm: self.config.optimizer.max_grad_norm,
             loss_scale: self.loss_scale.scale,
         };
-        let ran = (|| {
+        let ran = (|| -> candle_core::Result<_> {
             let b = batch(inputs()?);
             let at = match self.graphs.iter().position(|g| g.fits(&b)) {
                 Some(at) => at,
@@ -496,9 +496,17 @@ impl<'a> Trainer<'a> {
                 }
             };
             let b = batch(inputs()?);
-            self.graphs[at].run(&self.unet, &mut self.opt, b, settings)
+            let out = self.graphs[at].run(&self.unet, &mut self.opt, b, settings)?;
+            Ok((out, self.graphs[at].unreported_capture_error()))
         })();
-        let (loss, norm) = ran.map_err(|e| self.failure("training", e))?;
+        let ((loss, norm), capture_error) = ran.map_err(|e| self.failure("training", e))?;
+        if let Some(why) = capture_error {
+            self.emit(Event::Log {
+                message: format!(
+                    "this batch shape runs without a CUDA graph (slower, same result): capturing it failed: {why}"
+                ),
+            });
+        }
         Ok((loss, loss.is_finite() && norm.is_finite()))
     }
 
