@@ -171,3 +171,24 @@ impl CapturedStep {
         })
     }
 }
+
+/// One step on `batch` with its kernels launched from the host (a batch shape without a captured step):
+/// (loss, gradient norm), the norm NaN when the loss was not finite and nothing was updated.
+pub fn launched_step(
+    unet: &UNet,
+    opt: &mut Optimizer,
+    options: LossOptions,
+    batch: Batch<'_>,
+    settings: StepSettings,
+) -> Result<(f64, f64)> {
+    let (l, c, n) = (batch.latents, batch.context, batch.noise);
+    let loss = loss_from(unet, options, l, c, n, &batch.inputs)?;
+    let value = f64::from(loss.to_scalar::<f32>()?);
+    if !value.is_finite() {
+        return Ok((value, f64::NAN));
+    }
+    let grads = unet.backward(&loss.affine(settings.loss_scale, 0.0)?)?;
+    let s = settings;
+    let norm = opt.step(&grads, s.lr_factor, s.max_norm, s.loss_scale)?;
+    Ok((value, norm))
+}

@@ -97,6 +97,12 @@ impl LossScale {
     }
 }
 
+/// Batch shapes (bucket × caption length) that get a captured step; a run with more launches the rest from the
+/// host. Each graph keeps its own device memory while it is not replaying (CUDA may share physical pages
+/// between graphs of one stream, but we do not count on it).
+#[cfg(feature = "cuda")]
+const MAX_CAPTURED_SHAPES: usize = 8;
+
 struct Trainer<'a> {
     link: &'a Link,
     config: TrainConfig,
@@ -490,6 +496,16 @@ impl<'a> Trainer<'a> {
             let b = batch(inputs()?);
             let at = match self.graphs.iter().position(|g| g.fits(&b)) {
                 Some(at) => at,
+                None if self.graphs.len() >= MAX_CAPTURED_SHAPES => {
+                    let out = super::graph::launched_step(
+                        &self.unet,
+                        &mut self.opt,
+                        options,
+                        b,
+                        settings,
+                    )?;
+                    return Ok((out, None));
+                }
                 None => {
                     self.graphs.push(CapturedStep::new(b, options)?);
                     self.graphs.len() - 1
