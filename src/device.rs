@@ -180,3 +180,19 @@ fn pool_attribute(device: &Device, reset: bool) -> Option<u64> {
 fn pool_attribute(_device: &Device, _reset: bool) -> Option<u64> {
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small or large, an upload past the cache gives exactly the values in the asked shape.
+    #[test]
+    fn uncached_uploads_keep_values_and_shape() {
+        for n in [6usize, 5000] {
+            let v: Vec<f32> = (0..n).map(|i| i as f32 * 0.5).collect();
+            let t = upload_uncached(v.clone(), &[n / 2, 2], &Device::Cpu).unwrap();
+            assert_eq!(t.dims(), &[n / 2, 2]);
+            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), v);
+        }
+    }
+}

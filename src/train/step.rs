@@ -118,3 +118,37 @@ pub fn loss_from(
         Some(w) => (per * w)?.mean_all(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// A captured step's inputs are overwritten in place with the next batch's values, weights included.
+    #[test]
+    fn loss_inputs_copy_in_place() {
+        let schedule = NoiseSchedule::stable_diffusion();
+        let options = LossOptions {
+            prediction: Prediction::V,
+            min_snr_gamma: 5.0,
+        };
+        let fixed = LossInputs::new(&schedule, options, &[10, 900], &Device::Cpu).unwrap();
+        let next = LossInputs::new(&schedule, options, &[500, 3], &Device::Cpu).unwrap();
+        let before = fixed.a.clone();
+        fixed.copy_from(&next).unwrap();
+        assert_eq!(values(&before), values(&next.a), "same storage, new values");
+        assert_eq!(values(&fixed.t), vec![500.0, 3.0]);
+        assert_eq!(values(&fixed.s), values(&next.s));
+        let (w, nw) = (
+            fixed.weights.as_ref().unwrap(),
+            next.weights.as_ref().unwrap(),
+        );
+        assert_eq!(values(w), values(nw));
+        let a = schedule.alphas_cumprod[500].sqrt() as f32;
+        assert!((values(&fixed.a)[0] - a).abs() < 1e-6);
+    }
+}
