@@ -1,7 +1,8 @@
-//! Our fused CUDA kernels (`kernels/train.cu`): each does in one launch what a chain of candle ops did in 10–20.
-//! At SD's batch sizes a training step is bound by per-launch host overhead, not by the GPU's arithmetic, so
-//! fewer launches is most of the speed. Inputs must be contiguous; arithmetic is f32 whatever the element type.
-//! The CPU keeps the composite forms (the reference the kernels are checked against by `bench kernels`).
+//! Our fused CUDA kernels (`kernels/train.cu`): each does in one launch and one pass over memory what a chain of
+//! candle ops did in 10–20 (norms, attention softmax, AdamW), or what a candle op did several times slower (the
+//! conv's im2col and output reorder). Fewer launches mattered most while steps were launched from the host;
+//! fewer passes matter in a replayed step (`train::graph`). Inputs must be contiguous; arithmetic is f32 whatever
+//! the element type. The CPU keeps the composite forms (the reference `bench kernels` checks the kernels against).
 
 use super::layers::NormShape;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
