@@ -17,16 +17,20 @@ fn main() {
         .map(|h| PathBuf::from(h).join("bin/nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| "nvcc".into());
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("train.ptx");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "--use_fast_math", "-std=c++17"])
-        .arg(format!("-arch=compute_{cap}"))
-        .arg("kernels/train.cu")
-        .arg("-o")
-        .arg(&out)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("could not run {nvcc:?} (install the CUDA toolkit or set CUDA_HOME): {e}")
-        });
-    assert!(status.success(), "nvcc failed to compile kernels/train.cu");
+    // Flash attention's tensor-core instructions need sm_80 (Ampere); src/model/fused.rs checks this.
+    println!("cargo::rustc-env=LORA_STUDIO_CUDA_CAP={cap}");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    for name in ["train", "attention"] {
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "--use_fast_math", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(format!("kernels/{name}.cu"))
+            .arg("-o")
+            .arg(out_dir.join(format!("{name}.ptx")))
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("could not run {nvcc:?} (install the CUDA toolkit or set CUDA_HOME): {e}")
+            });
+        assert!(status.success(), "nvcc failed to compile kernels/{name}.cu");
+    }
 }

@@ -206,6 +206,36 @@ __device__ void conv_output(const T *y, const float *bias, T *out, int n, int b,
   }
 }
 
+// GEGLU of p [rows, 2f] (value | gate): out[r, j] = p[r, j] · gelu(p[r, f + j]), the exact (erf) GELU. candle's
+// form is a gelu and a product over strided halves, the slowest of its elementwise kernels.
+template <typename T> __device__ void geglu_fwd(const T *p, T *out, size_t total, int f) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    size_t r = i / f, j = i - r * f;
+    const T *row = p + r * 2 * f;
+    float v = to_f(row[j]), x = to_f(row[f + j]);
+    out[i] = from_f<T>(v * 0.5f * x * (1.f + erff(x * 0.70710678f)));
+  }
+}
+
+// Its gradient from the output gradient g: dp[r, j] = g · gelu(x), dp[r, f + j] = g · v · gelu'(x), with
+// gelu'(x) = Φ(x) + x · φ(x).
+template <typename T> __device__ void geglu_bwd(const T *p, const T *g, T *dp, size_t total, int f) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    size_t r = i / f, j = i - r * f;
+    const T *row = p + r * 2 * f;
+    float v = to_f(row[j]), x = to_f(row[f + j]), gi = to_f(g[i]);
+    float cdf = 0.5f * (1.f + erff(x * 0.70710678f));
+    dp[r * 2 * f + j] = from_f<T>(gi * x * cdf);
+    dp[r * 2 * f + f + j] = from_f<T>(gi * v * (cdf + x * 0.39894228f * __expf(-0.5f * x * x)));
+  }
+}
+
+// y[r, c] += b[c] in place over rows of `cols` (a linear layer's bias; candle's broadcast add indexes strides).
+template <typename T> __device__ void add_bias(T *y, const T *b, size_t total, int cols) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
+    y[i] = from_f<T>(to_f(y[i]) + to_f(b[i % cols]));
+}
+
 #define ENTRY_POINTS(T, SUFFIX)                                                                                     \
   extern "C" __global__ void norm_fwd_##SUFFIX(const T *x, T *y, float *mean, float *rstd, const float *w,         \
                                                const float *b, int n, int inner, int channels, float eps) {       \
@@ -234,6 +264,15 @@ __device__ void conv_output(const T *y, const float *bias, T *out, int n, int b,
   extern "C" __global__ void conv_output_##SUFFIX(const T *y, const float *bias, T *out, int n, int b,             \
                                                   int positions) {                                                \
     conv_output<T>(y, bias, out, n, b, positions);                                                                \
+  }                                                                                                               \
+  extern "C" __global__ void geglu_fwd_##SUFFIX(const T *p, T *out, size_t total, int f) {                        \
+    geglu_fwd<T>(p, out, total, f);                                                                                \
+  }                                                                                                               \
+  extern "C" __global__ void geglu_bwd_##SUFFIX(const T *p, const T *g, T *dp, size_t total, int f) {             \
+    geglu_bwd<T>(p, g, dp, total, f);                                                                              \
+  }                                                                                                               \
+  extern "C" __global__ void add_bias_##SUFFIX(T *y, const T *b, size_t total, int cols) {                        \
+    add_bias<T>(y, b, total, cols);                                                                                \
   }
 
 ENTRY_POINTS(float, f32)

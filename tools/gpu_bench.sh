@@ -19,6 +19,9 @@ run_ours() {
 "$BIN" bench kernels --batch 1 > "$OUT/kernels-b1.txt" 2>&1
 "$BIN" bench kernels --batch 4 > "$OUT/kernels-b4.txt" 2>&1
 run_ours "--batch 1 --recompute on" "--batch 1 --recompute off" "--batch 4 --recompute off" "--batch 4 --recompute on"
+# The same engine with attention chunk by chunk instead of flash (the form flash replaced), for the per-change table.
+echo "== LORA_STUDIO_FLASH=0 from here" >> "$OUT/ours.log"
+LORA_STUDIO_FLASH=0 run_ours "--batch 1 --recompute on" "--batch 4 --recompute off"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .bench/whl/*.whl > /dev/null 2>&1
 PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout 400 python3 .bench/torch_ref_bench.py --cases sd15 --sdpa nocudnn \
   --json "$OUT/ref.json" > "$OUT/ref.log" 2>&1

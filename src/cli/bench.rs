@@ -224,7 +224,9 @@ fn ui_frame(ctx: &egui::Context, app: &mut LoraStudioApp, start: Instant, scroll
         });
     }
     let t = Instant::now();
-    let out = ctx.run_ui(input, |ui| app.show(ui));
+    let mut out = ctx.run_ui(input, |ui| app.show(ui));
+    // Headless: no renderer takes the texture uploads (epaint asserts that someone did).
+    out.textures_delta.clear();
     let _ = ctx.tessellate(out.shapes, out.pixels_per_point);
     let took = t.elapsed();
     std::thread::sleep(Duration::from_millis(16).saturating_sub(took));

@@ -22,7 +22,7 @@ pub fn run(batch: usize, only: Option<&str>, json: bool) -> Result<ExitCode, Str
 mod measure {
     use crate::model::attention::attention;
     use crate::model::fused;
-    use crate::model::layers::{Adaptable, AdapterShape, GroupNorm, LayerNorm};
+    use crate::model::layers::{Adaptable, AdapterShape, GroupNorm, LayerNorm, geglu};
     use crate::train::optim::{Group, Optimizer, OptimizerKind, OptimizerParams};
     use candle_core::{DType, Device, Result, Tensor, Var};
     use std::time::Instant;
@@ -64,6 +64,40 @@ mod measure {
                 out
             }),
         }
+    }
+
+    /// A case comparing flash attention with our chunked attention (fused softmax) it replaced.
+    fn flash(
+        op: String,
+        inputs: Vec<Vec<usize>>,
+        f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>> + Clone + 'static,
+    ) -> Case {
+        let g = f.clone();
+        Case {
+            op: format!("{op} (vs our chunked form)"),
+            inputs,
+            ours: Box::new(f),
+            candle: Box::new(move |xs| {
+                fused::set_flash(false);
+                let out = g(xs);
+                fused::set_flash(true);
+                out
+            }),
+        }
+    }
+
+    /// Self-attention of [b, n, c] with `heads` heads, or cross-attention over 77 tokens: forward and backward.
+    fn attention_case(b: usize, n: usize, c: usize, heads: usize, cross: bool) -> Case {
+        let kv = if cross { 77 } else { n };
+        let kind = if cross { "cross" } else { "self" };
+        flash(
+            format!(
+                "{kind}-attention [{b}, {n}, {c}], {heads} heads of {}",
+                c / heads
+            ),
+            vec![vec![b, n, c], vec![b, kv, c], vec![b, kv, c], vec![b, n, c]],
+            move |xs| with_grads(xs, 3, |a| attention(&a[0], &a[1], &a[2], heads, None)),
+        )
     }
 
     /// A 3×3 conv (frozen weight, last input the upstream gradient): forward and input gradient, ours (`Adaptable`)
@@ -175,6 +209,18 @@ mod measure {
                     vec![b, 4096, 320],
                 ],
                 move |xs| with_grads(xs, 3, attn),
+            ),
+            attention_case(b, 4096, 320, 8, false),
+            attention_case(b, 4096, 320, 8, true),
+            attention_case(b, 1024, 640, 8, false),
+            attention_case(b, 256, 1280, 8, false),
+            attention_case(b, 1000, 640, 10, false),
+            attention_case(b, 1000, 640, 10, true),
+            attention_case(b, 512, 1024, 8, false),
+            fused(
+                format!("GEGLU [{b}, 4096, 2560] → 1280: forward + backward"),
+                vec![vec![b, 4096, 2560], vec![b, 4096, 1280]],
+                |xs| with_grads(xs, 1, |a| geglu(&a[0])),
             ),
             fused(
                 "AdamW, 128 adapter matrices [16, 320] (norm, clip, update)".into(),

@@ -1,9 +1,10 @@
 //! Multi-head attention for training without the score matrices in memory.
 //!
-//! Forward runs query chunk by query chunk and keeps only the output and each row's log-sum-exp; backward
-//! recomputes each chunk's probabilities from them (the flash-attention recurrence, here with candle ops per
-//! chunk rather than one fused kernel). candle's composite softmax would keep five score-sized intermediates per
-//! layer for backward — gigabytes at SD's 4096-token level.
+//! Forward keeps only the output and each row's log-sum-exp; backward recomputes the probabilities from them (the
+//! flash-attention recurrence). On a GPU with f16/bf16 heads that is one fused tensor-core kernel each way
+//! (`fused::flash_forward`/`flash_backward`: no score matrix in memory at all); elsewhere it runs query chunk by
+//! query chunk with candle ops. candle's composite softmax would keep five score-sized intermediates per layer for
+//! backward — gigabytes at SD's 4096-token level.
 
 use candle_core::{CpuStorage, CustomOp3, D, DType, Layout, Result, Shape, Tensor};
 
@@ -23,11 +24,17 @@ pub fn attention(
 ) -> Result<Tensor> {
     let (b, nq, _) = q.dims3()?;
     let heads = Heads { batch: b, heads };
-    let (qs, ks, vs) = heads.split_all(&q.detach(), &k.detach(), &v.detach())?;
-    let auto = (CHUNK_ELEMENTS / (qs.dim(0)? * ks.dim(1)?).max(1)).max(16);
-    let step = chunk.filter(|c| *c > 0).unwrap_or(auto).min(nq);
-    let (o, lse) = forward(&qs, &ks, &vs, step)?;
-    let o = heads.merge(&o)?;
+    let (q0, k0, v0) = (q.detach(), k.detach(), v.detach());
+    let (o, lse, step) = match flash_forward((&q0, &k0, &v0), heads.heads)? {
+        Some((o, lse)) => (o, lse, None),
+        None => {
+            let (qs, ks, vs) = heads.split_all(&q0, &k0, &v0)?;
+            let auto = (CHUNK_ELEMENTS / (qs.dim(0)? * ks.dim(1)?).max(1)).max(16);
+            let step = chunk.filter(|c| *c > 0).unwrap_or(auto).min(nq);
+            let (o, lse) = forward(&qs, &ks, &vs, step)?;
+            (heads.merge(&o)?, lse, Some(step))
+        }
+    };
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(o);
     }
@@ -38,6 +45,37 @@ pub fn attention(
         heads,
     };
     q.apply_op3(k, v, op)
+}
+
+/// Output and per-head log-sum-exp by our flash kernels, where they cover these heads (CUDA, f16/bf16, head dim
+/// even and ≤ 160).
+fn flash_forward(
+    qkv: (&Tensor, &Tensor, &Tensor),
+    heads: usize,
+) -> Result<Option<(Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if super::fused::flash_covers(qkv.0, heads) {
+        return super::fused::flash_forward(qkv, heads).map(Some);
+    }
+    let _ = (qkv, heads);
+    Ok(None)
+}
+
+/// (dq, dk, dv) by our flash kernels, for a forward that `flash_forward` ran.
+fn flash_backward(
+    qkv: (&Tensor, &Tensor, &Tensor),
+    o: &Tensor,
+    g: &Tensor,
+    lse: &Tensor,
+    heads: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    return super::fused::flash_backward(qkv, o, g, lse, heads);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (qkv, o, g, lse, heads);
+        candle_core::bail!("flash attention runs only in a CUDA build")
+    }
 }
 
 /// The head layout: [B, N, H·d] ↔ [B·H, N, d].
@@ -144,8 +182,10 @@ fn accumulate(acc: Tensor, x: &Tensor) -> Result<Tensor> {
 
 struct Attention {
     o: super::handoff::Handoff,
+    /// Log-sum-exp per query: [B, Nq, heads] from the flash kernels, [B·heads, Nq, 1] from the chunks.
     lse: Tensor,
-    step: usize,
+    /// Queries per chunk, or None where the forward ran as flash attention.
+    step: Option<usize>,
     heads: Heads,
 }
 
@@ -179,8 +219,8 @@ impl CustomOp3 for Attention {
         self.o.cuda()
     }
 
-    /// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = dS·K, dK = dSᵀ·Q, chunk by chunk with P
-    /// recomputed from the saved log-sum-exp.
+    /// dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P ⊙ (dP − rowsum(dO ⊙ O)), dQ = dS·K, dK = dSᵀ·Q, with P recomputed from
+    /// the saved log-sum-exp (by the flash kernels, or chunk by chunk).
     fn bwd(
         &self,
         q: &Tensor,
@@ -192,17 +232,39 @@ impl CustomOp3 for Attention {
         // The inputs are graph nodes: computing from them would record every chunk's intermediates into the
         // returned gradients' graphs and keep them alive until those are consumed (gigabytes per layer).
         let h = self.heads;
-        let (q, k, v) = h.split_all(&q.detach(), &k.detach(), &v.detach())?;
-        let (q, k, v, o) = (&q, &k, &v, &h.split(&o.detach())?);
-        let dt = q.dtype();
+        let (q, k, v, o) = (q.detach(), k.detach(), v.detach(), o.detach());
+        let Some(step) = self.step else {
+            let (dq, dk, dv) = flash_backward((&q, &k, &v), &o, g, &self.lse, h.heads)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        };
+        let (q, k, v) = h.split_all(&q, &k, &v)?;
+        let (o, g) = (h.split(&o)?, h.split(g)?);
+        let delta = row_dot(&g, &o)?;
+        let (dq, dk, dv) = self.chunked_backward((&q, &k, &v), &g, &delta, step)?;
+        let dq = h.merge(&dq)?;
+        Ok((
+            Some(dq.affine(h.scale(&dq)?, 0.0)?),
+            Some(h.merge(&dk)?),
+            Some(h.merge(&dv)?),
+        ))
+    }
+}
+
+impl Attention {
+    /// dq (for the pre-scaled q), dk, dv in the heads' layout, chunk by chunk.
+    fn chunked_backward(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        g: &Tensor,
+        delta: &Tensor,
+        step: usize,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let kt = k.t()?.contiguous()?;
         let vt = v.t()?.contiguous()?;
-        let g = h.split(g)?;
-        let delta = row_dot(&g, o)?;
         let mut dk = Tensor::zeros(k.shape(), DType::F32, k.device())?;
         let mut dv = Tensor::zeros(v.shape(), DType::F32, v.device())?;
         let mut dqs = Vec::new();
-        for (start, len) in chunks(q.dim(1)?, self.step) {
+        for (start, len) in chunks(q.dim(1)?, step) {
             let qc = q.narrow(1, start, len)?;
             let gc = g.narrow(1, start, len)?;
             let (p, ds) = softmax_backward(
@@ -215,12 +277,8 @@ impl CustomOp3 for Attention {
             dqs.push(ds.matmul(k)?);
             dk = accumulate(dk, &ds.t()?.matmul(&qc)?)?;
         }
-        let dq = h.merge(&Tensor::cat(&dqs, 1)?)?;
-        Ok((
-            Some(dq.affine(h.scale(&dq)?, 0.0)?),
-            Some(h.merge(&dk.to_dtype(dt)?)?),
-            Some(h.merge(&dv.to_dtype(dt)?)?),
-        ))
+        let dt = q.dtype();
+        Ok((Tensor::cat(&dqs, 1)?, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
     }
 }
 

@@ -10,11 +10,26 @@ use candle_core::cuda_backend::{CudaDevice, CudaStorageSlice};
 use candle_core::{DType, Device, Result, Shape, Storage, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
+/// A PTX module of ours: its name for the driver and its text.
+type Module = (&'static str, &'static str);
+const TRAIN: Module = (
+    "lora_studio_train",
+    include_str!(concat!(env!("OUT_DIR"), "/train.ptx")),
+);
+/// Flash attention, a module of its own so that its JIT (~4 s on a first run) happens only where it is used.
+const ATTENTION: Module = (
+    "lora_studio_attention",
+    include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+);
 
 /// Off with `LORA_STUDIO_FUSED=0`: the composite forms then run on the GPU too (to compare speed or results).
 static DISABLED: std::sync::LazyLock<AtomicBool> = std::sync::LazyLock::new(|| {
     AtomicBool::new(std::env::var("LORA_STUDIO_FUSED").is_ok_and(|v| v == "0"))
+});
+
+/// Flash attention off with `LORA_STUDIO_FLASH=0`: attention then runs chunk by chunk (with the fused softmax).
+static FLASH_DISABLED: std::sync::LazyLock<AtomicBool> = std::sync::LazyLock::new(|| {
+    AtomicBool::new(std::env::var("LORA_STUDIO_FLASH").is_ok_and(|v| v == "0"))
 });
 
 /// Whether ops on `device` use the fused kernels.
@@ -27,6 +42,38 @@ pub fn set_enabled(enabled: bool) {
     DISABLED.store(!enabled, Ordering::Relaxed);
 }
 
+/// Turns flash attention off or on for the whole process (benchmarks compare it with the chunked form).
+pub fn set_flash(enabled: bool) {
+    FLASH_DISABLED.store(!enabled, Ordering::Relaxed);
+}
+
+/// The padded head dims our flash kernels are built for (kernels/attention.cu: FLASH_DIMS).
+const FLASH_DIMS: [usize; 5] = [48, 64, 80, 128, 160];
+
+/// The flash kernels' tensor-core instructions exist from compute capability 8.0 (Ampere) on.
+const FLASH_MIN_CAP: u32 = 80;
+
+/// The padded head dim of flash attention over q [B, N, C] split into `heads` heads, where our kernels cover
+/// it: f16/bf16, head dim even and ≤ 160, a build for Ampere or newer, and flash not turned off.
+fn flash_dim(q: &Tensor, heads: usize) -> Option<usize> {
+    let built_cap: u32 = env!("LORA_STUDIO_CUDA_CAP").parse().unwrap_or(0);
+    let c = q.dim(candle_core::D::Minus1).ok()?;
+    let d = c / heads.max(1);
+    let usable = on(q.device())
+        && !FLASH_DISABLED.load(Ordering::Relaxed)
+        && built_cap >= FLASH_MIN_CAP
+        && matches!(q.dtype(), DType::BF16 | DType::F16)
+        && d * heads == c
+        && d % 2 == 0;
+    usable.then(|| FLASH_DIMS.into_iter().find(|&p| d <= p))?
+}
+
+/// Whether `flash_forward` and `flash_backward` take q split into `heads` heads.
+pub fn flash_covers(q: &Tensor, heads: usize) -> bool {
+    flash_dim(q, heads).is_some()
+}
+
+#[derive(Clone, Copy)]
 enum Arg {
     Ptr(u64),
     I32(i32),
@@ -68,22 +115,23 @@ fn suffix(dtype: DType) -> Result<&'static str> {
 
 /// Launches `name` (the dtype suffix already added) on `grid` blocks of `block` threads.
 fn launch(dev: &CudaDevice, name: &str, grid: usize, block: u32, args: &[Arg]) -> Result<()> {
-    launch_config(dev, name, (grid.max(1) as u32, 1, 1), block, args)
+    launch_config(dev, TRAIN, name, (grid.max(1) as u32, 1, 1), block, args)
 }
 
 /// Launches `name` on a (x, y) grid of 256-thread blocks.
 fn launch_2d(dev: &CudaDevice, name: &str, (x, y): (usize, usize), args: &[Arg]) -> Result<()> {
-    launch_config(dev, name, (x.max(1) as u32, y as u32, 1), 256, args)
+    launch_config(dev, TRAIN, name, (x.max(1) as u32, y as u32, 1), 256, args)
 }
 
 fn launch_config(
     dev: &CudaDevice,
+    (module, ptx): Module,
     name: &str,
     grid_dim: (u32, u32, u32),
     block: u32,
     args: &[Arg],
 ) -> Result<()> {
-    let func = dev.get_or_load_custom_func(name, "lora_studio_train", PTX)?;
+    let func = dev.get_or_load_custom_func(name, module, ptx)?;
     let mut b = func.builder();
     for a in args {
         match a {
@@ -363,9 +411,151 @@ pub fn conv2d(
     Ok(out)
 }
 
+/// GEGLU of p [.., 2F] (value and gate side by side): value · gelu(gate), exact GELU, as [.., F].
+pub fn geglu_forward(p: &Tensor) -> Result<Tensor> {
+    let p = p.contiguous()?;
+    let mut dims = p.dims().to_vec();
+    let last = dims.last_mut().expect("GEGLU input has a last dimension");
+    *last /= 2;
+    let f = *last;
+    let out = unsafe { output(dims, p.dtype(), p.device())? };
+    let total = out.elem_count();
+    let args = [ptr(&p)?, ptr(&out)?, Arg::Size(total), Arg::I32(f as i32)];
+    let name = format!("geglu_fwd_{}", suffix(p.dtype())?);
+    launch(cuda(&p)?, &name, grid_for(total), 256, &args)?;
+    Ok(out)
+}
+
+/// The gradient of `geglu_forward` with respect to p, from the output gradient g.
+pub fn geglu_backward(p: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let (p, g) = (p.contiguous()?, g.to_dtype(p.dtype())?.contiguous()?);
+    let dp = unsafe { output(p.shape(), p.dtype(), p.device())? };
+    let total = g.elem_count();
+    let f = g.dim(candle_core::D::Minus1)?;
+    let args = [
+        ptr(&p)?,
+        ptr(&g)?,
+        ptr(&dp)?,
+        Arg::Size(total),
+        Arg::I32(f as i32),
+    ];
+    let name = format!("geglu_bwd_{}", suffix(p.dtype())?);
+    launch(cuda(&p)?, &name, grid_for(total), 256, &args)?;
+    Ok(dp)
+}
+
+/// `y += b` over y's rows, in place: y is a contiguous tensor no other tensor shares (a matmul's fresh output),
+/// b has y's last dimension.
+pub fn add_bias(y: &Tensor, b: &Tensor) -> Result<()> {
+    let b = b.to_dtype(y.dtype())?.contiguous()?;
+    let total = y.elem_count();
+    let args = [
+        ptr(y)?,
+        ptr(&b)?,
+        Arg::Size(total),
+        Arg::I32(b.elem_count() as i32),
+    ];
+    let name = format!("add_bias_{}", suffix(y.dtype())?);
+    launch(cuda(y)?, &name, grid_for(total), 256, &args)
+}
+
 /// Sets every element of the contiguous f32 tensor `x` to `value`, in place.
 pub fn fill(x: &Tensor, value: f32) -> Result<()> {
     let n = x.elem_count();
     let args = [ptr(x)?, Arg::F32(value), Arg::Size(n)];
     launch(cuda(x)?, "fill_f32", grid_for(n), 256, &args)
+}
+
+/// Rows (queries or keys) of one flash-attention block: 4 warps of 16.
+const FLASH_ROWS: usize = 64;
+
+/// A flash kernel's operand: contiguous, and at a fresh allocation when its start is not 16-byte aligned (the
+/// kernels copy 16 bytes at a time).
+fn flash_operand(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    match ptr(&t)? {
+        Arg::Ptr(p) if p % 16 != 0 => t.copy(),
+        _ => Ok(t),
+    }
+}
+
+/// Launches flash kernel `kernel` for q [B, Nq, C] in `heads` heads, a block per 64 `rows` of each head.
+fn launch_flash(q: &Tensor, heads: usize, kernel: &str, rows: usize, args: &[Arg]) -> Result<()> {
+    let Some(dp) = flash_dim(q, heads) else {
+        candle_core::bail!(
+            "flash attention does not cover {:?} in {heads} heads",
+            q.dims()
+        )
+    };
+    let name = format!("{kernel}_{}_{dp}", suffix(q.dtype())?);
+    let grid = (
+        rows.div_ceil(FLASH_ROWS) as u32,
+        (q.dim(0)? * heads) as u32,
+        1,
+    );
+    launch_config(cuda(q)?, ATTENTION, &name, grid, 128, args)
+}
+
+/// The kernels' trailing arguments: Nq, Nk, d, heads, the score scale 1/√d and whether 16-byte copies apply.
+fn flash_sizes(q: &Tensor, k: &Tensor, heads: usize) -> Result<[Arg; 6]> {
+    let (nq, nk, d) = (q.dim(1)?, k.dim(1)?, q.dim(2)? / heads);
+    Ok([
+        Arg::I32(nq as i32),
+        Arg::I32(nk as i32),
+        Arg::I32(d as i32),
+        Arg::I32(heads as i32),
+        Arg::F32(1.0 / (d as f32).sqrt()),
+        Arg::I32((d % 8 == 0) as i32),
+    ])
+}
+
+/// Attention of q [B, Nq, C] over k, v [B, Nk, C] in `heads` heads (scores scaled by 1/√d), read and written in
+/// that layout, without score matrices in memory: the output [B, Nq, C] and each query's log-sum-exp per head
+/// [B, Nq, heads] (f32), for `flash_backward`.
+pub fn flash_forward(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    heads: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (q, k, v) = (flash_operand(q)?, flash_operand(k)?, flash_operand(v)?);
+    let (b, nq, _) = q.dims3()?;
+    let o = unsafe { output(q.shape(), q.dtype(), q.device())? };
+    let lse = unsafe { output((b, nq, heads), DType::F32, q.device())? };
+    let mut args = vec![ptr(&q)?, ptr(&k)?, ptr(&v)?, ptr(&o)?, ptr(&lse)?];
+    args.extend(flash_sizes(&q, &k, heads)?);
+    launch_flash(&q, heads, "flash_fwd", nq, &args)?;
+    Ok((o, lse))
+}
+
+/// The gradients (dq, dk, dv) of `flash_forward`'s output `o` from its gradient `g`, with `lse` from the forward.
+pub fn flash_backward(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    o: &Tensor,
+    g: &Tensor,
+    lse: &Tensor,
+    heads: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v) = (flash_operand(q)?, flash_operand(k)?, flash_operand(v)?);
+    let g = flash_operand(&g.to_dtype(q.dtype())?)?;
+    let (b, nq, c) = q.dims3()?;
+    // rowsum(dO ⊙ O) per head, [B, Nq, heads].
+    let per_head = (b, nq, heads, c / heads);
+    let delta = row_dot(&g.reshape(per_head)?, &o.reshape(per_head)?)?;
+    let dq = unsafe { output(q.shape(), q.dtype(), q.device())? };
+    let dk = unsafe { output(k.shape(), k.dtype(), k.device())? };
+    let dv = unsafe { output(v.shape(), v.dtype(), v.device())? };
+    let lse = lse.contiguous()?;
+    let sizes = flash_sizes(&q, &k, heads)?;
+    let inputs: Vec<Arg> = [&q, &k, &v, &g, &lse, &delta]
+        .into_iter()
+        .map(ptr)
+        .collect::<Result<_>>()?;
+    let mut args = inputs.clone();
+    args.push(ptr(&dq)?);
+    args.extend(sizes);
+    launch_flash(&q, heads, "flash_bwd_dq", nq, &args)?;
+    let mut args = inputs;
+    args.extend([ptr(&dk)?, ptr(&dv)?]);
+    args.extend(sizes);
+    launch_flash(&q, heads, "flash_bwd_dkdv", k.dim(1)?, &args)?;
+    Ok((dq, dk, dv))
 }

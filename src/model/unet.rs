@@ -183,9 +183,7 @@ impl TransformerBlock {
             .forward(&self.norm2.forward(&x)?, context, chunk)?
             + x)?;
         // GEGLU: the projection holds the value and the gate side by side.
-        let p = self.ff_in.forward(&self.norm3.forward(&x)?)?;
-        let half = p.dim(2)? / 2;
-        let ff = (p.narrow(2, 0, half)? * p.narrow(2, half, half)?.gelu_erf()?)?;
+        let ff = super::layers::geglu(&self.ff_in.forward(&self.norm3.forward(&x)?)?)?;
         self.ff_out.forward(&ff)? + x
     }
 
