@@ -64,7 +64,7 @@ fn flash_dim(q: &Tensor, heads: usize) -> Option<usize> {
         && built_cap >= FLASH_MIN_CAP
         && matches!(q.dtype(), DType::BF16 | DType::F16)
         && d * heads == c
-        && d % 2 == 0;
+        && d.is_multiple_of(2);
     usable.then(|| FLASH_DIMS.into_iter().find(|&p| d <= p))?
 }
 
@@ -474,7 +474,7 @@ const FLASH_ROWS: usize = 64;
 fn flash_operand(t: &Tensor) -> Result<Tensor> {
     let t = t.contiguous()?;
     match ptr(&t)? {
-        Arg::Ptr(p) if p % 16 != 0 => t.copy(),
+        Arg::Ptr(p) if !p.is_multiple_of(16) => t.copy(),
         _ => Ok(t),
     }
 }
@@ -505,7 +505,7 @@ fn flash_sizes(q: &Tensor, k: &Tensor, heads: usize) -> Result<[Arg; 6]> {
         Arg::I32(d as i32),
         Arg::I32(heads as i32),
         Arg::F32(1.0 / (d as f32).sqrt()),
-        Arg::I32((d % 8 == 0) as i32),
+        Arg::I32(d.is_multiple_of(8) as i32),
     ])
 }
 
