@@ -217,6 +217,17 @@ mod measure {
             attention_case(b, 1000, 640, 10, false),
             attention_case(b, 1000, 640, 10, true),
             attention_case(b, 512, 1024, 8, false),
+            flash(
+                format!("self-attention [{b}, 1024, 640], 8 heads of 80, in f16"),
+                vec![vec![b, 1024, 640]; 4],
+                move |xs| {
+                    with_grads(xs, 3, |a| {
+                        let f16 = |t: &Tensor| t.to_dtype(DType::F16);
+                        attention(&f16(&a[0])?, &f16(&a[1])?, &f16(&a[2])?, 8, None)?
+                            .to_dtype(a[0].dtype())
+                    })
+                },
+            ),
             fused(
                 format!("GEGLU [{b}, 4096, 2560] → 1280: forward + backward"),
                 vec![vec![b, 4096, 2560], vec![b, 4096, 1280]],
