@@ -195,6 +195,21 @@ __device__ __forceinline__ float quad_max(float v) {
   return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
 }
 
+// Double buffering over key tiles: starts copying tile i + 1 of k and v into the other buffers, then waits until
+// tile i is in place for the whole block.
+template <typename T, int DP, int TILE>
+__device__ __forceinline__ void advance_kv(T (*ks)[TILE * (DP + 8)], T (*vs)[TILE * (DP + 8)], const T *k,
+                                           const T *v, int nk, int d, int stride, bool wide, int i) {
+  int next = (i + 1) * TILE;
+  if (next < nk) {
+    stage<T, DP, TILE>(ks[(i + 1) & 1], k, nk, d, stride, wide, next);
+    stage<T, DP, TILE>(vs[(i + 1) & 1], v, nk, d, stride, wide, next);
+  }
+  commit_copies();
+  wait_copies_but_one();
+  __syncthreads();
+}
+
 // o = softmax(scale·q·kᵀ)·v and lse = log Σ exp(scale·q·kᵀ) per query, with the running max and sum of the
 // online softmax. Key tiles are double-buffered: the next one is copied while this one is computed.
 template <typename T, int DP>
@@ -215,13 +230,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
   int tiles = (nk + TILE - 1) / TILE;
   for (int i = 0; i < tiles; i++) {
     int cur = i & 1, k0 = i * TILE;
-    if (i + 1 < tiles) {
-      stage<T, DP, TILE>(ks[cur ^ 1], k, nk, d, stride, wide, k0 + TILE);
-      stage<T, DP, TILE>(vs[cur ^ 1], v, nk, d, stride, wide, k0 + TILE);
-    }
-    commit_copies();
-    wait_copies_but_one();
-    __syncthreads();
+    advance_kv<T, DP, TILE>(ks, vs, k, v, nk, d, stride, wide, i);
     float s[TILE / 8][4] = {};
     scores<T, DP, TILE>(s, qa, ks[cur]);
 #pragma unroll
@@ -288,13 +297,7 @@ __device__ void flash_bwd_dq(const T *q, const T *k, const T *v, const T *dout, 
   int tiles = (nk + TILE - 1) / TILE;
   for (int i = 0; i < tiles; i++) {
     int cur = i & 1, k0 = i * TILE;
-    if (i + 1 < tiles) {
-      stage<T, DP, TILE>(ks[cur ^ 1], k, nk, d, stride, wide, k0 + TILE);
-      stage<T, DP, TILE>(vs[cur ^ 1], v, nk, d, stride, wide, k0 + TILE);
-    }
-    commit_copies();
-    wait_copies_but_one();
-    __syncthreads();
+    advance_kv<T, DP, TILE>(ks, vs, k, v, nk, d, stride, wide, i);
     float s[TILE / 8][4] = {}, dp[TILE / 8][4] = {};
     scores<T, DP, TILE>(s, qa, ks[cur]);
     scores<T, DP, TILE>(dp, ga, vs[cur]);

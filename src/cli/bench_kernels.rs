@@ -46,11 +46,12 @@ mod measure {
         candle: Run,
     }
 
-    /// A case whose candle form is the same code with our fused kernels off.
-    fn fused(
+    /// A case whose replaced form is the same code with `switch(false)`: our fused kernels or flash attention off.
+    fn switched(
         op: String,
         inputs: Vec<Vec<usize>>,
         f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>> + Clone + 'static,
+        switch: fn(bool),
     ) -> Case {
         let g = f.clone();
         Case {
@@ -58,12 +59,21 @@ mod measure {
             inputs,
             ours: Box::new(f),
             candle: Box::new(move |xs| {
-                fused::set_enabled(false);
+                switch(false);
                 let out = g(xs);
-                fused::set_enabled(true);
+                switch(true);
                 out
             }),
         }
+    }
+
+    /// A case whose candle form is the same code with our fused kernels off.
+    fn fused(
+        op: String,
+        inputs: Vec<Vec<usize>>,
+        f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>> + Clone + 'static,
+    ) -> Case {
+        switched(op, inputs, f, fused::set_enabled)
     }
 
     /// A case comparing flash attention with our chunked attention (fused softmax) it replaced.
@@ -72,18 +82,8 @@ mod measure {
         inputs: Vec<Vec<usize>>,
         f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>> + Clone + 'static,
     ) -> Case {
-        let g = f.clone();
-        Case {
-            op: format!("{op} (vs our chunked form)"),
-            inputs,
-            ours: Box::new(f),
-            candle: Box::new(move |xs| {
-                fused::set_flash(false);
-                let out = g(xs);
-                fused::set_flash(true);
-                out
-            }),
-        }
+        let op = format!("{op} (vs our chunked form)");
+        switched(op, inputs, f, fused::set_flash)
     }
 
     /// Self-attention of [b, n, c] with `heads` heads, or cross-attention over 77 tokens: forward and backward.
