@@ -195,16 +195,11 @@ __device__ __forceinline__ float quad_max(float v) {
   return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
 }
 
-// Double buffering over key tiles: starts copying tile i + 1 of k and v into the other buffers, then waits until
-// tile i is in place for the whole block.
-template <typename T, int DP, int TILE>
-__device__ __forceinline__ void advance_kv(T (*ks)[TILE * (DP + 8)], T (*vs)[TILE * (DP + 8)], const T *k,
-                                           const T *v, int nk, int d, int stride, bool wide, int i) {
+// Double buffering over tiles of `rows` rows: starts copying tile i + 1 into the other buffers
+// (`stage(buffer, first row)`), then waits until tile i is in place for the whole block.
+template <int TILE, typename Stage> __device__ __forceinline__ void advance(Stage stage, int rows, int i) {
   int next = (i + 1) * TILE;
-  if (next < nk) {
-    stage<T, DP, TILE>(ks[(i + 1) & 1], k, nk, d, stride, wide, next);
-    stage<T, DP, TILE>(vs[(i + 1) & 1], v, nk, d, stride, wide, next);
-  }
+  if (next < rows) stage((i + 1) & 1, next);
   commit_copies();
   wait_copies_but_one();
   __syncthreads();
@@ -221,8 +216,11 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
   int stride = hd.stride;
   q = hd.of(q, nq, d), k = hd.of(k, nk, d), v = hd.of(v, nk, d), o = hd.of(o, nq, d), lse = hd.rows(lse, nq);
   int lane = threadIdx.x & 31, c = 2 * (lane & 3), row0 = blockIdx.x * ROWS + (threadIdx.x >> 5) * 16;
-  stage<T, DP, TILE>(ks[0], k, nk, d, stride, wide, 0);
-  stage<T, DP, TILE>(vs[0], v, nk, d, stride, wide, 0);
+  auto stage_kv = [&](int buf, int k0) {
+    stage<T, DP, TILE>(ks[buf], k, nk, d, stride, wide, k0);
+    stage<T, DP, TILE>(vs[buf], v, nk, d, stride, wide, k0);
+  };
+  stage_kv(0, 0);
   commit_copies();
   uint32_t qa[DP / 16][4];
   load_a<T, DP>(q, nq, d, stride, row0, qa);
@@ -230,7 +228,7 @@ __device__ void flash_fwd(const T *q, const T *k, const T *v, T *o, float *lse, 
   int tiles = (nk + TILE - 1) / TILE;
   for (int i = 0; i < tiles; i++) {
     int cur = i & 1, k0 = i * TILE;
-    advance_kv<T, DP, TILE>(ks, vs, k, v, nk, d, stride, wide, i);
+    advance<TILE>(stage_kv, nk, i);
     float s[TILE / 8][4] = {};
     scores<T, DP, TILE>(s, qa, ks[cur]);
 #pragma unroll
@@ -280,8 +278,11 @@ __device__ void flash_bwd_dq(const T *q, const T *k, const T *v, const T *dout, 
   q = hd.of(q, nq, d), k = hd.of(k, nk, d), v = hd.of(v, nk, d), dout = hd.of(dout, nq, d), dq = hd.of(dq, nq, d);
   lse = hd.rows(lse, nq), delta = hd.rows(delta, nq);
   int lane = threadIdx.x & 31, c = 2 * (lane & 3), row0 = blockIdx.x * ROWS + (threadIdx.x >> 5) * 16;
-  stage<T, DP, TILE>(ks[0], k, nk, d, stride, wide, 0);
-  stage<T, DP, TILE>(vs[0], v, nk, d, stride, wide, 0);
+  auto stage_kv = [&](int buf, int k0) {
+    stage<T, DP, TILE>(ks[buf], k, nk, d, stride, wide, k0);
+    stage<T, DP, TILE>(vs[buf], v, nk, d, stride, wide, k0);
+  };
+  stage_kv(0, 0);
   commit_copies();
   uint32_t qa[DP / 16][4], ga[DP / 16][4];
   load_a<T, DP>(q, nq, d, stride, row0, qa);
@@ -297,7 +298,7 @@ __device__ void flash_bwd_dq(const T *q, const T *k, const T *v, const T *dout, 
   int tiles = (nk + TILE - 1) / TILE;
   for (int i = 0; i < tiles; i++) {
     int cur = i & 1, k0 = i * TILE;
-    advance_kv<T, DP, TILE>(ks, vs, k, v, nk, d, stride, wide, i);
+    advance<TILE>(stage_kv, nk, i);
     float s[TILE / 8][4] = {}, dp[TILE / 8][4] = {};
     scores<T, DP, TILE>(s, qa, ks[cur]);
     scores<T, DP, TILE>(dp, ga, vs[cur]);
@@ -344,10 +345,7 @@ __device__ void flash_bwd_dkdv(const T *q, const T *k, const T *v, const T *dout
   int tiles = (nq + TILE - 1) / TILE;
   for (int i = 0; i < tiles; i++) {
     int cur = i & 1, q0 = i * TILE;
-    if (i + 1 < tiles) stage_all(cur ^ 1, q0 + TILE);
-    commit_copies();
-    wait_copies_but_one();
-    __syncthreads();
+    advance<TILE>(stage_all, nq, i);
     float s[TILE / 8][4] = {}, dp[TILE / 8][4] = {};
     scores<T, DP, TILE>(s, ka, qs[cur]);
     scores<T, DP, TILE>(dp, va, gs[cur]);

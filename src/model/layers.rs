@@ -155,19 +155,20 @@ fn add_bias(y: Tensor, b: &Tensor) -> Result<Tensor> {
 /// gelu(gate), exact (erf) GELU, as one graph node. From candle ops it is a gelu and a product over strided
 /// halves — on the GPU the slowest elementwise kernels of an SD step — and more nodes in backward.
 pub fn geglu(p: &Tensor) -> Result<Tensor> {
-    let pd = p.detach();
-    #[cfg(feature = "cuda")]
-    let y = if super::fused::on(p.device()) {
-        super::fused::geglu_forward(&pd)?
-    } else {
-        geglu_composite(&pd)?
-    };
-    #[cfg(not(feature = "cuda"))]
-    let y = geglu_composite(&pd)?;
+    let y = geglu_values(&p.detach())?;
     if !p.track_op() {
         return Ok(y);
     }
     p.apply_op1(Geglu(super::handoff::Handoff::new(y)))
+}
+
+/// GEGLU's output: our kernel on the GPU, candle's ops elsewhere.
+fn geglu_values(p: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if super::fused::on(p.device()) {
+        return super::fused::geglu_forward(p);
+    }
+    geglu_composite(p)
 }
 
 fn geglu_composite(p: &Tensor) -> Result<Tensor> {
