@@ -10,3 +10,4 @@ pub mod lora;
 pub mod model;
 pub mod sample;
 pub mod train;
+pub mod words;

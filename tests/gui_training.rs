@@ -4,9 +4,8 @@
 
 mod common;
 
-use common::gui::{harness, wait_for};
+use common::gui::{harness, nav, set_number, type_into, wait_for};
 
-use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
 use lora_studio::app::{AppState, LoraStudioApp};
@@ -40,31 +39,6 @@ fn project() -> (PathBuf, PathBuf, PathBuf, PathBuf) {
     copy_dir(&common::sd_tiny::fixture("sd1").join("diffusers"), &model);
     let out = root.join("output");
     (root, data, model, out)
-}
-
-fn type_into(h: &mut Harness<'static, LoraStudioApp>, label: &str, text: &str, replace: bool) {
-    let field = h.get_by_role_and_label(Role::TextInput, label);
-    field.focus();
-    h.run_steps(2);
-    if replace {
-        h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::A);
-        h.run_steps(2);
-    }
-    h.get_by_role_and_label(Role::TextInput, label)
-        .type_text(text);
-    h.run_steps(3);
-}
-
-/// Switches the workspace in the left navigation.
-fn nav(h: &mut Harness<'static, LoraStudioApp>, workspace: &str) {
-    h.get_by_role_and_label(Role::Button, workspace).click();
-    h.run_steps(3);
-}
-
-fn set_number(h: &mut Harness<'static, LoraStudioApp>, label: &str, value: f64) {
-    h.get_by_role_and_label(Role::SpinButton, label)
-        .set_value_accesskit(value);
-    h.run_steps(3);
 }
 
 /// A snapshot without the pointer (so that no hover or tooltip depends on where the last click was).
@@ -120,14 +94,14 @@ fn the_whole_training_journey() {
     h.run_steps(3);
     assert_eq!(h.state().state().training.preset, "cpu-demo");
     assert_eq!(h.state().state().training.config.dataset.resolution, 64);
-    set_number(&mut h, "Steps", 6.0);
-    set_number(&mut h, "Sample every N steps", 3.0);
+    set_number(&mut h, "Steps", "6");
+    set_number(&mut h, "Sample every N steps", "3");
     h.get_by_label("Add prompt").click_accesskit();
     h.run_steps(3);
     type_into(&mut h, "Prompt 1", "zk, thing", false);
-    set_number(&mut h, "Width", 32.0);
-    set_number(&mut h, "Height", 32.0);
-    set_number(&mut h, "Sampling steps", 2.0);
+    set_number(&mut h, "Width", "32");
+    set_number(&mut h, "Height", "32");
+    set_number(&mut h, "Sampling steps", "2");
     type_into(&mut h, "Output folder", &out.to_string_lossy(), true);
     {
         let c = &h.state().state().training.config;
@@ -144,10 +118,10 @@ fn the_whole_training_journey() {
 
     // An invalid value is named and blocks Start; fixing it brings the plan back.
     type_into(&mut h, "Output name", "bad/name", true);
-    let v = h.state_mut().training().validation().map(str::to_owned);
+    let v = h.state_mut().training().form_problem().map(str::to_owned);
     assert!(
         v.as_deref()
-            .is_some_and(|v| v.contains("saving.output_name")),
+            .is_some_and(|v| v.contains("\"Output name\" must be")),
         "{v:?}"
     );
     assert!(
@@ -156,12 +130,12 @@ fn the_whole_training_journey() {
             .is_disabled()
     );
     assert!(
-        h.query_all_by_label_contains("Invalid setting: `saving.output_name`")
+        h.query_all_by_label_contains("Invalid setting: \"Output name\"")
             .count()
             >= 1
     );
     type_into(&mut h, "Output name", "gui-test", true);
-    assert!(h.state_mut().training().validation().is_none());
+    assert!(h.state_mut().training().form_problem().is_none());
     assert_eq!(
         h.state().state().training.config.saving.output_name,
         "gui-test"
@@ -243,7 +217,7 @@ fn the_whole_training_journey() {
     // A second, longer run, stopped: it saves first and the LoRA is on disk.
     nav(&mut h, "Training");
     h.run_steps(3);
-    set_number(&mut h, "Steps", 2000.0);
+    set_number(&mut h, "Steps", "2000");
     h.run_steps(3);
     h.get_by_label("Start training").click();
     wait_for(&mut h, "two steps of the second run", 120, |app| {

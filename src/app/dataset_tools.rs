@@ -341,7 +341,8 @@ impl DatasetView {
             }
         });
         ui.horizontal(|ui| {
-            labeled_text(ui, "Import from path", &mut self.import_path, 240.0);
+            // Narrow enough for the panel's least width, so this tab does not widen the panel.
+            labeled_text(ui, "Import from path", &mut self.import_path, 150.0);
             if ui
                 .add_enabled(
                     !self.import_path.trim().is_empty(),

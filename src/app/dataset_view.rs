@@ -6,6 +6,7 @@ use super::widgets::{labeled_text, recent_menu};
 use crate::dataset::edit::{self, CaptionEdit};
 use crate::dataset::validate::{Finding, Severity, duplicate_map, findings};
 use crate::dataset::{BucketConfig, Buckets, CaptionStatus, Inspection, Report, Scan, caption};
+use crate::words::count;
 use egui::{Align2, Color32, FontId, Rect, Sense, Ui, vec2};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -234,6 +235,11 @@ impl DatasetView {
         self.thumbs.loaded()
     }
 
+    /// The images whose thumbnails are on hand.
+    pub fn thumbnail_paths(&self) -> Vec<PathBuf> {
+        self.thumbs.paths().map(Path::to_path_buf).collect()
+    }
+
     /// Indices of the images the filters let through, in grid order.
     pub fn visible(&self) -> &[usize] {
         &self.filtered
@@ -347,6 +353,9 @@ impl DatasetView {
         if self.selected.is_some_and(|i| i >= n) {
             self.selected = None;
         }
+        // Nothing computed for the previous folder may index this one.
+        self.derived = None;
+        self.filtered.clear();
         self.loaded = Some(Loaded {
             scan: Arc::new(scan),
             inspections: Arc::new(vec![None; n]),
@@ -469,7 +478,7 @@ impl DatasetView {
                     && (!self.filter.no_caption || !e.caption.is_usable())
                     && (!self.filter.problems
                         || severity
-                            .and_then(|s| s[i])
+                            .and_then(|s| s.get(i).copied().flatten())
                             .is_some_and(|s| s >= Severity::Warning))
             })
             .collect();
@@ -648,13 +657,12 @@ impl DatasetView {
             .filter(|s| s.is_some_and(|s| s >= Severity::Warning))
             .count();
         ui.label(format!(
-            "{} images ({} readable) · {} captioned · {} with problems · {} buckets · {} images/epoch · {} steps/epoch \
-             at batch {}",
-            l.scan.entries.len(),
+            "{} ({} readable) · {} captioned · {} with problems · {} · {} images/epoch · {} steps/epoch at batch {}",
+            count(l.scan.entries.len() as u64, "image"),
             r.images,
             r.with_caption,
             problems,
-            r.buckets.len(),
+            count(r.buckets.len() as u64, "bucket"),
             r.images_per_epoch,
             r.steps_per_epoch,
             r.batch_size
@@ -702,12 +710,12 @@ impl DatasetView {
                     ui.horizontal(|ui| {
                         for &i in self.filtered.iter().skip(row * cols).take(cols) {
                             let entry = &l.scan.entries[i];
-                            let sev = severity.and_then(|s| s[i]);
+                            let sev = severity.and_then(|s| s.get(i).copied().flatten());
                             let name = entry.path.file_name().unwrap_or_default().to_string_lossy();
                             if thumb_cell(
                                 ui,
                                 cell,
-                                thumbs.get(i),
+                                thumbs.get(&entry.path),
                                 &name,
                                 self.selected == Some(i),
                                 sev,
@@ -721,7 +729,7 @@ impl DatasetView {
                 }
                 for row in range.chain(ahead) {
                     for &i in self.filtered.iter().skip(row * cols).take(cols) {
-                        wanted.push((i, l.scan.entries[i].path.clone()));
+                        wanted.push(l.scan.entries[i].path.clone());
                     }
                 }
             });
@@ -730,17 +738,19 @@ impl DatasetView {
             self.select(i, settings);
             self.tab = ToolTab::Image;
         }
-        self.arrow_keys(ui, settings);
+        self.arrow_keys(ui, settings, cols);
     }
 
-    /// Left/right arrows move through the filtered images while no text field has focus.
-    fn arrow_keys(&mut self, ui: &Ui, settings: &DatasetSettings) {
+    /// Arrow keys move through the filtered images while no text field has focus: left/right by one,
+    /// up/down by a row of `cols`.
+    fn arrow_keys(&mut self, ui: &Ui, settings: &DatasetSettings, cols: usize) {
         if ui.memory(|m| m.focused().is_some()) || self.filtered.is_empty() {
             return;
         }
         let step = ui.input(|i| {
-            i.key_pressed(egui::Key::ArrowRight) as isize
-                - i.key_pressed(egui::Key::ArrowLeft) as isize
+            let pressed = |k| i.key_pressed(k) as isize;
+            pressed(egui::Key::ArrowRight) - pressed(egui::Key::ArrowLeft)
+                + cols as isize * (pressed(egui::Key::ArrowDown) - pressed(egui::Key::ArrowUp))
         });
         if step == 0 {
             return;
@@ -762,9 +772,9 @@ impl DatasetView {
         };
         let entry = &l.scan.entries[i];
         let path = entry.path.clone();
-        self.preview.want([(i, path.clone())]);
+        self.preview.want([path.clone()]);
         let side = ui.available_width().min(420.0);
-        match self.preview.get(i) {
+        match self.preview.get(&path) {
             Slot::Ready(tex) => {
                 let size = tex.size_vec2();
                 let scale = (side / size.x).min(side / size.y);

@@ -4,6 +4,8 @@
 mod dataset_jobs;
 mod dataset_tools;
 pub mod dataset_view;
+mod plan_view;
+mod resume;
 pub mod run_view;
 pub mod samples_view;
 mod textures;
@@ -172,10 +174,20 @@ impl LoraStudioApp {
         self.close_dialog(ui.ctx());
     }
 
-    /// The dataset workspace checks images against the buckets the training will use: when the training
-    /// settings' resolution, bucket sides or batch size change, they are copied there (the dataset's Buckets tab
-    /// can still try other values until the next such change).
+    /// The dataset workspace and the training plan use one bucket setting: the training config's. Changes in
+    /// the training form are copied to the dataset workspace, and changes in its Buckets tab are copied back.
     fn follow_training_buckets(&mut self) {
+        let dataset_side = (self.state.dataset.buckets, self.state.dataset.batch_size);
+        if let Some(followed) = self.followed_buckets
+            && dataset_side != followed
+        {
+            let c = &mut self.state.training.config;
+            let (b, batch) = dataset_side;
+            (c.dataset.resolution, c.dataset.min_bucket_side) = (b.resolution, b.min_side);
+            (c.dataset.max_bucket_side, c.dataset.bucket_step) = (b.max_side, b.step);
+            c.training.batch_size = batch;
+            self.training.settings_replaced();
+        }
         let c = &self.state.training.config;
         let wanted = (bucket_config(&c.dataset), c.training.batch_size);
         if self.followed_buckets != Some(wanted) {
@@ -301,17 +313,38 @@ pub fn run_gui(dataset: Option<std::path::PathBuf>) -> Result<(), String> {
         APP_NAME,
         options,
         Box::new(move |cc| {
-            let mut state: AppState = cc
-                .storage
-                .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
-                .unwrap_or_else(AppState::first_start);
+            let mut state = persisted_state(cc.storage).unwrap_or_else(AppState::first_start);
             if let Some(dir) = &dataset {
                 state.dataset.remember(dir);
             }
-            Ok(Box::new(LoraStudioApp::new(&cc.egui_ctx, state)))
+            Ok(Box::new(start_from(&cc.egui_ctx, state)))
         }),
     )
     .map_err(|e| no_display_message(&e.to_string()))
+}
+
+/// The state saved by the last session; one that cannot be read is dropped with a log line.
+fn persisted_state(storage: Option<&dyn eframe::Storage>) -> Option<AppState> {
+    let storage = storage?;
+    storage.get_string(eframe::APP_KEY)?;
+    let state = eframe::get_value(storage, eframe::APP_KEY);
+    if state.is_none() {
+        eprintln!(
+            "lora-studio: the saved window state could not be read; starting as on a first start."
+        );
+    }
+    state
+}
+
+/// The app built from `state`; a state that fails to apply never makes the app unstartable: it is dropped
+/// with a log line and the app starts as on a first start.
+pub fn start_from(ctx: &egui::Context, state: AppState) -> LoraStudioApp {
+    let ctx2 = ctx.clone();
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| LoraStudioApp::new(&ctx2, state)))
+        .unwrap_or_else(|_| {
+            eprintln!("lora-studio: the saved window state could not be applied; starting as on a first start.");
+            LoraStudioApp::new(ctx, AppState::first_start())
+        })
 }
 
 fn no_display_message(why: &str) -> String {

@@ -62,11 +62,15 @@ pub struct FinishedRun {
 }
 
 impl Run {
-    pub fn start(ctx: &egui::Context, config: TrainConfig) -> Run {
+    /// A new run of `config`, or (with `resume`, a state folder) the continuation of a saved one.
+    pub fn start(ctx: &egui::Context, config: TrainConfig, resume: Option<PathBuf>) -> Run {
         let repaint = ctx.clone();
         let engine = Engine::start(
             config.clone(),
-            StartOptions::default(),
+            StartOptions {
+                resume,
+                ..Default::default()
+            },
             std::sync::Arc::new(move || repaint.request_repaint()),
         );
         Run {

@@ -1,11 +1,13 @@
 //! Images on screen: decoded off the UI thread by a `ThumbLoader`, uploaded as textures, kept in a bounded LRU.
+//! Textures are keyed by the image's path, never by its place in a grid: a folder opened while another one's
+//! thumbnails are still decoding cannot show them in its own cells.
 
 use crate::dataset::thumbs::ThumbLoader;
 use egui::{ColorImage, TextureHandle, TextureOptions};
 use lru::LruCache;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub enum Slot<'a> {
     Ready(&'a TextureHandle),
@@ -14,9 +16,9 @@ pub enum Slot<'a> {
 }
 
 pub struct TextureCache {
-    loader: ThumbLoader,
-    textures: LruCache<usize, TextureHandle>,
-    failed: HashMap<usize, String>,
+    loader: ThumbLoader<PathBuf>,
+    textures: LruCache<PathBuf, TextureHandle>,
+    failed: HashMap<PathBuf, String>,
     name: &'static str,
 }
 
@@ -46,7 +48,7 @@ impl TextureCache {
                     let size = [img.width() as usize, img.height() as usize];
                     let color = ColorImage::from_rgba_unmultiplied(size, img.as_raw());
                     let tex = ctx.load_texture(
-                        format!("{}-{}", self.name, thumb.id),
+                        format!("{}-{}", self.name, thumb.id.display()),
                         color,
                         TextureOptions::LINEAR,
                     );
@@ -59,23 +61,29 @@ impl TextureCache {
         }
     }
 
-    pub fn get(&mut self, id: usize) -> Slot<'_> {
-        if let Some(msg) = self.failed.get(&id) {
+    pub fn get(&mut self, path: &Path) -> Slot<'_> {
+        if let Some(msg) = self.failed.get(path) {
             return Slot::Failed(msg);
         }
-        match self.textures.get(&id) {
+        match self.textures.get(path) {
             Some(t) => Slot::Ready(t),
             None => Slot::Loading,
         }
     }
 
     /// Asks for the images of `wanted` (most urgent first) that are neither on screen nor known to fail.
-    pub fn want(&mut self, wanted: impl IntoIterator<Item = (usize, PathBuf)>) {
+    pub fn want(&mut self, wanted: impl IntoIterator<Item = PathBuf>) {
         let missing: Vec<_> = wanted
             .into_iter()
-            .filter(|(id, _)| !self.textures.contains(id) && !self.failed.contains_key(id))
+            .filter(|p| !self.textures.contains(p) && !self.failed.contains_key(p))
+            .map(|p| (p.clone(), p))
             .collect();
         self.loader.want(missing);
+    }
+
+    /// The images whose textures are ready.
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        self.textures.iter().map(|(p, _)| p.as_path())
     }
 
     pub fn loaded(&self) -> usize {

@@ -2,8 +2,8 @@
 //! field says what it does and its usual range on hover. The form edits a `TrainConfig` in place and reports
 //! whether anything changed (the caller validates and recomputes the plan).
 
-use super::widgets::{form_check, form_combo, form_drag, form_sci, form_text, labeled_drag};
-use crate::train::config::{Precision, Prediction, SamplePrompt, Targets, TrainConfig};
+use super::widgets::{FormErrors, FormNumber, form_check, form_combo, form_number, number_field};
+use crate::train::config::{Precision, Prediction, SamplePrompt, SaveDtype, Targets, TrainConfig};
 use crate::train::lr::LrSchedule;
 use crate::train::optim::OptimizerKind;
 use egui::{Grid, Ui};
@@ -29,6 +29,11 @@ const PRECISIONS: [(Precision, &str); 4] = [
     (Precision::Fp16, "fp16"),
     (Precision::Fp32, "fp32"),
 ];
+const SAVE_DTYPES: [(SaveDtype, &str); 3] = [
+    (SaveDtype::Fp16, "fp16"),
+    (SaveDtype::Bf16, "bf16"),
+    (SaveDtype::Fp32, "fp32"),
+];
 const PREDICTIONS: [(Prediction, &str); 3] = [
     (Prediction::Auto, "From the checkpoint"),
     (Prediction::Epsilon, "Epsilon"),
@@ -44,26 +49,26 @@ fn group(ui: &mut Ui, id: &str, body: impl FnOnce(&mut Ui) -> bool) -> bool {
 }
 
 /// The common settings, grouped. Returns true when one changed.
-pub fn common(ui: &mut Ui, c: &mut TrainConfig) -> bool {
+pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool {
     let mut changed = false;
     ui.strong("Network");
     changed |= group(ui, "form-network", |ui| {
-        let mut ch = form_drag(
+        let mut ch = form_number(
             ui,
             "Rank",
             "Size of each adapter: more rank learns more detail and makes a bigger file. Usually 4-64 (16 is \
              a good start).",
             &mut c.network.rank,
             1..=1024,
-            0.2,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Alpha",
             "Scales the adapter's effect by alpha / rank. Usually equal to the rank or half of it.",
             &mut c.network.alpha,
             0.01..=1024.0,
-            0.1,
+            errors,
         );
         ch |= form_combo(
             ui,
@@ -85,13 +90,14 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig) -> bool {
             &mut c.optimizer.kind,
             &OPTIMIZERS,
         );
-        ch |= form_sci(
+        ch |= form_number(
             ui,
             "Learning rate",
             "How big each update is. Usually 1e-4 for SD 1.5 LoRA (5e-5 to 5e-4); too high gives burnt, noisy \
              images.",
             &mut c.optimizer.lr,
             1e-8..=0.999,
+            errors,
         );
         ch |= form_combo(
             ui,
@@ -100,55 +106,55 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig) -> bool {
             &mut c.optimizer.schedule,
             &SCHEDULES,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Warmup steps",
             "Steps over which the learning rate rises from 0. Usually 0-10% of the steps.",
             &mut c.optimizer.warmup_steps,
             0..=100_000,
-            1.0,
+            errors,
         );
         ch
     });
     ui.add_space(4.0);
     ui.strong("Schedule");
     changed |= group(ui, "form-schedule", |ui| {
-        let mut ch = form_drag(
+        let mut ch = form_number(
             ui,
             "Steps",
             "Total optimizer steps. 0 lets Epochs decide. Usually 1000-3000 for a character or style.",
             &mut c.training.steps,
             0..=1_000_000,
-            1.0,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Epochs",
             "Passes over the dataset (repeats included); used when Steps is 0.",
             &mut c.training.epochs,
             0..=10_000,
-            0.1,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Batch size",
             "Images per step. More is smoother but needs more memory. Usually 1-4.",
             &mut c.training.batch_size,
             1..=64,
-            0.05,
+            errors,
         );
         ch
     });
     ui.add_space(4.0);
     ui.strong("Dataset options");
     changed |= group(ui, "form-dataset", |ui| {
-        let mut ch = form_drag(
+        let mut ch = form_number(
             ui,
             "Resolution",
             "Base training resolution in pixels (a multiple of 8): 512 for SD 1.5, 768 for SD 2.x-v.",
             &mut c.dataset.resolution,
             64..=4096,
-            8.0,
+            errors,
         );
         ch |= form_check(
             ui,
@@ -167,21 +173,21 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig) -> bool {
     ui.add_space(4.0);
     ui.strong("Saving");
     changed |= group(ui, "form-saving", |ui| {
-        let mut ch = form_drag(
+        let mut ch = form_number(
             ui,
             "Save every N steps",
             "Write an intermediate LoRA every N steps (0 = only at the end). Usually every 10-25% of the run.",
             &mut c.saving.every_n_steps,
             0..=1_000_000,
-            1.0,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Keep last",
             "Keep only the newest K intermediate saves (0 = keep all).",
             &mut c.saving.keep_last,
             0..=1000,
-            0.1,
+            errors,
         );
         ch
     });
@@ -189,7 +195,7 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig) -> bool {
 }
 
 /// The settings most runs leave alone.
-pub fn advanced(ui: &mut Ui, c: &mut TrainConfig) -> bool {
+pub fn advanced(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool {
     group(ui, "form-advanced", |ui| {
         let mut ch = form_combo(
             ui,
@@ -198,44 +204,45 @@ pub fn advanced(ui: &mut Ui, c: &mut TrainConfig) -> bool {
             &mut c.model.prediction,
             &PREDICTIONS,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "CLIP skip",
             "1 = the text encoder's last layer; 2 = the penultimate (common for anime models).",
             &mut c.model.clip_skip,
             0..=12,
-            0.05,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Conv rank",
             "Rank of the LoCon convolution adapters (Layers = All). Usually 4-16.",
             &mut c.network.conv_rank,
             1..=1024,
-            0.2,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Conv alpha",
             "Alpha of the LoCon convolution adapters. Usually half the conv rank.",
             &mut c.network.conv_alpha,
             0.01..=1024.0,
-            0.1,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Network dropout",
             "Dropout inside each adapter while training (kohya's network_dropout), against overfitting. Usually 0-0.1.",
             &mut c.network.dropout,
             0.0..=0.85,
-            0.005,
+            errors,
         );
-        ch |= form_sci(
+        ch |= form_number(
             ui,
             "Text encoder LR",
             "Learning rate of the text-encoder adapters (when trained). Usually half the UNet's.",
             &mut c.optimizer.lr_text_encoder,
             0.0..=0.999,
+            errors,
         );
         ch |= form_check(
             ui,
@@ -243,68 +250,69 @@ pub fn advanced(ui: &mut Ui, c: &mut TrainConfig) -> bool {
             "Also put adapters on the text encoder: learns new words better, costs memory.",
             &mut c.training.train_text_encoder,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Restarts",
             "Cycles of the cosine-with-restarts schedule. Usually 1-4.",
             &mut c.optimizer.restarts,
             1..=100,
-            0.05,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Max gradient norm",
             "Clip the gradient norm to this (0 = off). Usually 1.",
             &mut c.optimizer.max_grad_norm,
             0.0..=100.0,
-            0.01,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Gradient accumulation",
             "Sum gradients over this many batches per update: a bigger effective batch without more memory.",
             &mut c.optimizer.gradient_accumulation,
             1..=256,
-            0.05,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Beta 1",
             "AdamW's first-moment decay. Usually 0.9.",
             &mut c.optimizer.params.beta1,
             0.0..=0.9999,
-            0.001,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Beta 2",
             "AdamW's second-moment decay. Usually 0.999.",
             &mut c.optimizer.params.beta2,
             0.0..=0.99999,
-            0.0001,
+            errors,
         );
-        ch |= form_sci(
+        ch |= form_number(
             ui,
             "Epsilon",
             "AdamW's epsilon. Usually 1e-8.",
             &mut c.optimizer.params.eps,
             0.0..=1.0,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Weight decay",
             "Pulls the weights toward zero. Usually 0-0.1.",
             &mut c.optimizer.params.weight_decay,
             0.0..=1.0,
-            0.001,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Seed",
             "Seeds the noise, timesteps and data order: the same seed repeats a run exactly.",
             &mut c.training.seed,
             0..=u64::MAX,
-            1.0,
+            errors,
         );
         ch |= form_combo(
             ui,
@@ -320,45 +328,45 @@ pub fn advanced(ui: &mut Ui, c: &mut TrainConfig) -> bool {
              6-8 GB cards.",
             &mut c.training.recompute,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Noise offset",
             "Helps the model learn very dark or bright images. Usually 0-0.1.",
             &mut c.training.noise_offset,
             0.0..=1.0,
-            0.005,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Min-SNR gamma",
             "Min-SNR loss weighting (0 = off). 5 is the usual value; it steadies training.",
             &mut c.training.min_snr_gamma,
             0.0..=20.0,
-            0.05,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Min bucket side",
             "Smallest bucket side in pixels. Usually 256.",
             &mut c.dataset.min_bucket_side,
             32..=4096,
-            8.0,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Max bucket side",
             "Largest bucket side in pixels. Lower it to save memory (e.g. to the resolution).",
             &mut c.dataset.max_bucket_side,
             32..=8192,
-            8.0,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Bucket step",
             "Bucket sides are multiples of this. Usually 64.",
             &mut c.dataset.bucket_step,
             8..=512,
-            1.0,
+            errors,
         );
         ch |= form_check(
             ui,
@@ -366,65 +374,64 @@ pub fn advanced(ui: &mut Ui, c: &mut TrainConfig) -> bool {
             "Shuffle the comma-separated tags each time a caption is used (the first Keep tokens stay).",
             &mut c.dataset.shuffle_caption,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Keep tokens",
             "Tags at the front that shuffling and tag dropout leave in place (the trigger word). Usually 1.",
             &mut c.dataset.keep_tokens,
             0..=100,
-            0.05,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Caption dropout",
             "Probability of training an image with an empty caption. Usually 0-0.1.",
             &mut c.dataset.caption_dropout,
             0.0..=1.0,
-            0.005,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Tag dropout",
             "Probability of dropping each tag. Usually 0-0.1.",
             &mut c.dataset.tag_dropout,
             0.0..=1.0,
-            0.005,
+            errors,
         );
-        ch |= form_drag(
+        ch |= form_number(
             ui,
             "Save every N epochs",
             "Write an intermediate LoRA every N epochs (0 = off).",
             &mut c.saving.every_n_epochs,
             0..=10_000,
-            0.05,
+            errors,
         );
-        ch |= form_text(
+        ch |= form_combo(
             ui,
             "Saved precision",
             "Tensor precision of the saved LoRA: fp16 (usual), bf16 or fp32.",
             &mut c.saving.dtype,
-            80.0,
+            &SAVE_DTYPES,
         );
         ch
     })
 }
 
 /// The sample prompts and how often they are made.
-pub fn sampling(ui: &mut Ui, c: &mut TrainConfig) -> bool {
+pub fn sampling(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool {
     let mut changed = false;
     ui.strong("Sample prompts");
     changed |= group(ui, "form-sampling", |ui| {
-        form_drag(
+        form_number(
             ui,
             "Sample every N steps",
             "Generate the sample prompts with the adapter every N steps (0 = off). Usually as often as saves.",
             &mut c.sampling.every_n_steps,
             0..=1_000_000,
-            1.0,
+            errors,
         )
     });
     let mut remove = None;
-    let n = c.sampling.prompts.len();
     for (i, p) in c.sampling.prompts.iter_mut().enumerate() {
         egui::Frame::group(ui.style()).show(ui, |ui| {
             ui.horizontal(|ui| {
@@ -434,7 +441,11 @@ pub fn sampling(ui: &mut Ui, c: &mut TrainConfig) -> bool {
                     .labelled_by(l.id)
                     .on_hover_text("What the sample shows; use your trigger word.")
                     .changed();
-                if ui.small_button("Remove").on_hover_text("Remove this prompt").clicked() {
+                if ui
+                    .small_button("Remove")
+                    .on_hover_text("Remove this prompt")
+                    .clicked()
+                {
                     remove = Some(i);
                 }
             });
@@ -447,21 +458,47 @@ pub fn sampling(ui: &mut Ui, c: &mut TrainConfig) -> bool {
                     .changed();
             });
             ui.horizontal_wrapped(|ui| {
-                changed |= labeled_drag(ui, "Seed", &mut p.seed, 0..=u64::MAX)
-                    .on_hover_text("The same seed gives comparable samples across steps.")
-                    .changed();
-                changed |= labeled_drag(ui, "Width", &mut p.width, 8..=2048)
-                    .on_hover_text("Sample width in pixels (a multiple of 8; usually the resolution).")
-                    .changed();
-                changed |= labeled_drag(ui, "Height", &mut p.height, 8..=2048)
-                    .on_hover_text("Sample height in pixels (a multiple of 8).")
-                    .changed();
-                changed |= labeled_drag(ui, "Sampling steps", &mut p.steps, 1..=150)
-                    .on_hover_text("Denoising steps per sample. Usually 20-30.")
-                    .changed();
-                changed |= labeled_drag(ui, "CFG", &mut p.cfg, 1.0..=30.0)
-                    .on_hover_text("Classifier-free guidance: how strictly the prompt is followed. Usually 5-8.")
-                    .changed();
+                let row = i + 1;
+                changed |= prompt_number(
+                    ui,
+                    (row, "Seed"),
+                    "The same seed gives comparable samples across steps.",
+                    &mut p.seed,
+                    0..=u64::MAX,
+                    errors,
+                );
+                changed |= prompt_number(
+                    ui,
+                    (row, "Width"),
+                    "Sample width in pixels (a multiple of 8; usually the resolution).",
+                    &mut p.width,
+                    8..=2048,
+                    errors,
+                );
+                changed |= prompt_number(
+                    ui,
+                    (row, "Height"),
+                    "Sample height in pixels (a multiple of 8).",
+                    &mut p.height,
+                    8..=2048,
+                    errors,
+                );
+                changed |= prompt_number(
+                    ui,
+                    (row, "Sampling steps"),
+                    "Denoising steps per sample. Usually 20-30.",
+                    &mut p.steps,
+                    1..=150,
+                    errors,
+                );
+                changed |= prompt_number(
+                    ui,
+                    (row, "CFG"),
+                    "Classifier-free guidance: how strictly the prompt is followed. Usually 5-8.",
+                    &mut p.cfg,
+                    1.0..=30.0,
+                    errors,
+                );
             });
         });
     }
@@ -484,6 +521,122 @@ pub fn sampling(ui: &mut Ui, c: &mut TrainConfig) -> bool {
         });
         changed = true;
     }
-    let _ = n;
     changed
+}
+
+/// A number of sample prompt `row`: shown as `name` beside its field, reported as "Prompt 2 width".
+fn prompt_number<N: FormNumber>(
+    ui: &mut Ui,
+    (row, name): (usize, &str),
+    tip: &str,
+    value: &mut N,
+    range: std::ops::RangeInclusive<N>,
+    errors: &mut FormErrors,
+) -> bool {
+    let l = ui.label(name);
+    let label = format!("Prompt {row} {}", name.to_lowercase());
+    number_field(ui, &label, value, range, errors, 64.0)
+        .labelled_by(l.id)
+        .on_hover_text(tip)
+        .changed()
+}
+
+/// The label on screen of each config key the form edits, so that messages from the engine (which name keys,
+/// as the CLI and config files need) name what the user sees.
+const LABELS: [(&str, &str); 41] = [
+    ("network.rank", "Rank"),
+    ("network.alpha", "Alpha"),
+    ("network.targets", "Layers"),
+    ("network.conv_rank", "Conv rank"),
+    ("network.conv_alpha", "Conv alpha"),
+    ("network.dropout", "Network dropout"),
+    ("optimizer.kind", "Optimizer"),
+    ("optimizer.lr", "Learning rate"),
+    ("optimizer.lr_text_encoder", "Text encoder LR"),
+    ("optimizer.schedule", "LR schedule"),
+    ("optimizer.warmup_steps", "Warmup steps"),
+    ("optimizer.restarts", "Restarts"),
+    ("optimizer.max_grad_norm", "Max gradient norm"),
+    ("optimizer.gradient_accumulation", "Gradient accumulation"),
+    ("optimizer.params.beta1", "Beta 1"),
+    ("optimizer.params.beta2", "Beta 2"),
+    ("optimizer.params.eps", "Epsilon"),
+    ("optimizer.params.weight_decay", "Weight decay"),
+    ("training.steps", "Steps"),
+    ("training.epochs", "Epochs"),
+    ("training.batch_size", "Batch size"),
+    ("training.seed", "Seed"),
+    ("training.precision", "Precision"),
+    ("training.recompute", "Recompute (gradient checkpointing)"),
+    ("training.noise_offset", "Noise offset"),
+    ("training.min_snr_gamma", "Min-SNR gamma"),
+    ("training.train_text_encoder", "Train the text encoder"),
+    ("dataset.resolution", "Resolution"),
+    ("dataset.bucketing", "Aspect-ratio buckets"),
+    ("dataset.flip", "Mirror images"),
+    ("dataset.min_bucket_side", "Min bucket side"),
+    ("dataset.max_bucket_side", "Max bucket side"),
+    ("dataset.bucket_step", "Bucket step"),
+    ("dataset.shuffle_caption", "Shuffle caption tags"),
+    ("dataset.keep_tokens", "Keep tokens"),
+    ("dataset.caption_dropout", "Caption dropout"),
+    ("dataset.tag_dropout", "Tag dropout"),
+    ("saving.every_n_steps", "Save every N steps"),
+    ("saving.every_n_epochs", "Save every N epochs"),
+    ("saving.output_name", "Output name"),
+    ("saving.dtype", "Saved precision"),
+];
+
+/// `message` with each `` `key` `` it names replaced by the field's label on screen ("Batch size"), and each
+/// sample prompt key by its row ("Prompt 2 width").
+pub fn on_screen(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('`') {
+        let Some(len) = rest[open + 1..].find('`') else {
+            break;
+        };
+        let key = &rest[open + 1..open + 1 + len];
+        out.push_str(&rest[..open]);
+        match label_of(key) {
+            Some(label) => out.push_str(&format!("\"{label}\"")),
+            None => out.push_str(&rest[open..open + len + 2]),
+        }
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn label_of(key: &str) -> Option<String> {
+    if let Some(label) = LABELS.iter().find(|(k, _)| *k == key).map(|(_, l)| l) {
+        return Some((*label).to_owned());
+    }
+    let rest = key.strip_prefix("sampling.prompts[")?;
+    let (index, field) = rest.split_once("].")?;
+    let row = index.parse::<usize>().ok()? + 1;
+    let name = match field {
+        "steps" => "sampling steps",
+        "cfg" => "cfg",
+        other => other,
+    };
+    Some(format!("Prompt {row} {name}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_messages_name_the_labels_on_screen() {
+        assert_eq!(
+            on_screen("`training.batch_size` must be at least 1"),
+            "\"Batch size\" must be at least 1"
+        );
+        assert_eq!(
+            on_screen("Lower `training.batch_size` to 4, or `sampling.prompts[1].width` …"),
+            "Lower \"Batch size\" to 4, or \"Prompt 2 width\" …"
+        );
+        assert_eq!(on_screen("`unknown.key` stays"), "`unknown.key` stays");
+    }
 }

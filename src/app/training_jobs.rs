@@ -2,6 +2,7 @@
 //! dialogs and opening folders. Each runs on its own thread and reports through one channel; the UI polls it
 //! every frame and never waits.
 
+use super::resume::Resumable;
 use super::workers::{Workers, file_dialog};
 use crate::train::config::TrainConfig;
 use crate::train::plan::Preview;
@@ -46,6 +47,11 @@ pub enum JobEvent {
         generation: u64,
         result: Result<Box<Preview>, String>,
     },
+    /// The run saved in the output folder of the config checked with `generation`, if one can go on.
+    Resumable {
+        generation: u64,
+        found: Option<Resumable>,
+    },
     Device(DeviceInfo),
     Picked {
         purpose: Pick,
@@ -88,6 +94,14 @@ impl Jobs {
             result: crate::train::plan::preview(&config)
                 .map(Box::new)
                 .map_err(|f| f.to_string()),
+        });
+    }
+
+    /// Looks for a saved run in `config`'s output folder.
+    pub fn resumable(&self, generation: u64, config: TrainConfig) {
+        self.spawn("resume-check", move || JobEvent::Resumable {
+            generation,
+            found: Resumable::find(&config),
         });
     }
 

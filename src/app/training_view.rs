@@ -1,10 +1,12 @@
 //! The Training workspace: configure a run (model, device, preset, settings, sample prompts, output) beside its
 //! plan, then start, pause, stop and watch it (phase, progress, loss and learning-rate curves, memory, log).
 
+use super::plan_view;
+use super::resume::{self, ReplaceAnswer, Resumable};
 use super::run_view::{self, CurveOptions, Run};
 use super::training_form;
 use super::training_jobs::{DeviceInfo, JobEvent, Jobs, ModelInfo, Pick};
-use super::widgets::{bytes, duration, labeled_text, path_field, recent_menu};
+use super::widgets::{FormErrors, bytes, duration, labeled_text, path_field, recent_menu, si};
 use crate::train::Command;
 use crate::train::config::TrainConfig;
 use crate::train::plan::Preview;
@@ -58,26 +60,22 @@ impl TrainingSettings {
         self.recent_models.truncate(RECENT_MAX);
     }
 
-    /// The demo project: its model, the `cpu-demo` preset with the demo's own layer on top, and an output
-    /// folder in the user's data folder. `demo` is the `assets/demo` folder.
+    /// The demo project: its model and dataset, the `cpu-demo` preset, the project's own settings from its
+    /// `demo.toml` (output name, sample prompts) and an output folder in the user's data folder. `demo` is the
+    /// demo project folder. The config is what choosing the preset in the window gives too.
     pub fn demo(demo: &Path) -> Result<Self, String> {
         let preset = presets::find("cpu-demo").map_err(|e| e.0)?;
         let layer_path = demo.join("demo.toml");
         let layer = std::fs::read_to_string(&layer_path).unwrap_or_default();
-        let mut config = TrainConfig::build(
-            &[
-                ("preset cpu-demo", &preset.layer),
-                (&layer_path.display().to_string(), &layer),
-            ],
-            &[],
-        )
-        .map_err(|e| e.0)?;
-        config.model.checkpoint = demo.join("model");
-        config.dataset.folder = demo.join("dataset");
-        config.saving.output_dir = default_output_dir("demo-output");
-        if config.saving.output_name == TrainConfig::default().saving.output_name {
-            config.saving.output_name = "demo-lora".into();
+        let mut project = TrainConfig::build(&[(&layer_path.display().to_string(), &layer)], &[])
+            .map_err(|e| e.0)?;
+        project.model.checkpoint = demo.join("model");
+        project.dataset.folder = demo.join("dataset");
+        project.saving.output_dir = default_output_dir("demo-output");
+        if project.saving.output_name == TrainConfig::default().saving.output_name {
+            project.saving.output_name = "demo-lora".into();
         }
+        let config = preset.apply_to(&project).map_err(|e| e.0)?;
         let mut s = TrainingSettings {
             config,
             preset: "cpu-demo".into(),
@@ -142,9 +140,17 @@ pub struct TrainingView {
     plan: Option<Result<Box<Preview>, String>>,
     planning: bool,
     plan_changed_at: Option<Instant>,
+    /// Why the config is not valid, in the form's words.
     validation: Option<String>,
+    /// Values typed into the form that are not valid (the config keeps the last valid one).
+    form_errors: FormErrors,
     save_preset: Option<SavePresetForm>,
     pub(super) run: Option<Run>,
+    /// A stopped run saved in the output folder, which Resume continues and a new run would replace.
+    resumable: Option<Resumable>,
+    resumable_generation: u64,
+    /// Start was pressed while a saved run would be replaced: ask first.
+    confirm_replace: bool,
     confirm_stop: bool,
     curves: CurveOptions,
     /// Steps per second of the last run, for the time estimate of the next plan.
@@ -176,8 +182,12 @@ impl TrainingView {
             planning: false,
             plan_changed_at: Some(long_ago),
             validation: None,
+            form_errors: FormErrors::default(),
             save_preset: None,
             run: None,
+            resumable: None,
+            resumable_generation: 0,
+            confirm_replace: false,
             confirm_stop: false,
             curves: CurveOptions::default(),
             last_speed: None,
@@ -210,12 +220,27 @@ impl TrainingView {
             || self.plan_changed_at.is_some()
     }
 
-    pub fn validation(&self) -> Option<&str> {
-        self.validation.as_deref()
-    }
-
     fn config_changed(&mut self) {
         self.plan_changed_at = Some(Instant::now());
+        // A failure shown for the old settings would be read as one of the new ones.
+        if self
+            .run
+            .as_ref()
+            .is_some_and(|r| r.failed.is_some() && !r.is_active())
+        {
+            self.run = None;
+        }
+    }
+
+    /// The config was changed outside the form (the dataset workspace's Buckets tab): check it again.
+    pub fn settings_replaced(&mut self) {
+        self.config_changed();
+        self.validation = None;
+    }
+
+    /// The settings problem that blocks Start, if any, named by the labels on screen.
+    pub fn form_problem(&self) -> Option<&str> {
+        self.form_errors.first().or(self.validation.as_deref())
     }
 
     fn model_changed(&mut self) {
@@ -249,9 +274,14 @@ impl TrainingView {
                 }
                 JobEvent::Plan { generation, result } if generation == self.plan_generation => {
                     self.planning = false;
-                    self.plan = Some(result);
+                    self.plan = Some(result.map_err(|e| training_form::on_screen(&e)));
                 }
-                JobEvent::Model { .. } | JobEvent::Plan { .. } => {}
+                JobEvent::Resumable { generation, found }
+                    if generation == self.resumable_generation =>
+                {
+                    self.resumable = found;
+                }
+                JobEvent::Model { .. } | JobEvent::Plan { .. } | JobEvent::Resumable { .. } => {}
                 JobEvent::Device(d) => self.device = Some(d),
                 JobEvent::Picked { purpose, path } => {
                     let Some(path) = path else {
@@ -294,7 +324,7 @@ impl TrainingView {
             }
         }
         if let Some(t) = self.plan_changed_at {
-            self.validation = settings.config.validate().err().map(|e| e.0);
+            self.validate(&settings.config);
             if t.elapsed() >= DEBOUNCE {
                 self.plan_changed_at = None;
                 self.start_plan(&settings.config);
@@ -302,15 +332,38 @@ impl TrainingView {
                 ctx.request_repaint_after(DEBOUNCE);
             }
         }
+        let mut ended = false;
         if let Some(run) = &mut self.run {
+            let was_active = run.is_active();
             run.poll(ctx);
+            ended = was_active && !run.is_active();
             if let Some(s) = run.last.as_ref().filter(|s| s.it_per_s > 0.0) {
                 self.last_speed = Some(s.it_per_s);
             }
         }
+        if ended {
+            self.look_for_saved_run(&settings.config);
+        }
+    }
+
+    fn validate(&mut self, config: &TrainConfig) {
+        self.validation =
+            (config.validate().err()).map(|e| training_form::on_screen(&e.to_string()));
+    }
+
+    /// Checks the output folder for a saved run (off the UI thread).
+    fn look_for_saved_run(&mut self, config: &TrainConfig) {
+        self.resumable_generation += 1;
+        self.jobs
+            .resumable(self.resumable_generation, config.clone());
+    }
+
+    pub fn resumable(&self) -> Option<&Resumable> {
+        self.resumable.as_ref()
     }
 
     fn start_plan(&mut self, config: &TrainConfig) {
+        self.look_for_saved_run(config);
         self.plan_generation += 1;
         if self.validation.is_some() {
             self.planning = false;
@@ -339,7 +392,7 @@ impl TrainingView {
         if self.is_running() {
             return Some("A run is in progress.".into());
         }
-        if let Some(v) = &self.validation {
+        if let Some(v) = self.form_problem() {
             return Some(format!("Fix the settings: {v}"));
         }
         if c.model.checkpoint.as_os_str().is_empty() {
@@ -354,21 +407,66 @@ impl TrainingView {
         if c.saving.output_dir.as_os_str().is_empty() {
             return Some("Choose an output folder.".into());
         }
+        if self.planning || self.plan_changed_at.is_some() {
+            return Some("Working out the plan …".into());
+        }
+        if let Some(Err(e)) = &self.plan {
+            return Some(e.clone());
+        }
         None
     }
 
-    /// Starts a run of the current settings.
+    /// Starts a run of the current settings; when that would replace a saved run, asks first.
     pub fn start(&mut self, ctx: &egui::Context, settings: &TrainingSettings) {
         if let Some(why) = self.start_blocker(settings) {
             self.status = why;
             return;
         }
+        if self.resumable.is_some() {
+            self.confirm_replace = true;
+            return;
+        }
+        self.start_new(ctx, settings);
+    }
+
+    /// Starts a run of the current settings at step 0.
+    pub fn start_new(&mut self, ctx: &egui::Context, settings: &TrainingSettings) {
         self.status = format!(
             "Training {} into {}.",
             settings.config.saving.output_name,
             settings.config.saving.output_dir.display()
         );
-        self.run = Some(Run::start(ctx, settings.config.clone()));
+        self.resumable = None;
+        self.run = Some(Run::start(ctx, settings.config.clone(), None));
+    }
+
+    /// Continues the saved run of the output folder with the settings it was started with.
+    pub fn resume(&mut self, ctx: &egui::Context) {
+        let Some(saved) = self.resumable.take() else {
+            return;
+        };
+        self.status = format!(
+            "Resuming the run saved in {} at {}.",
+            saved.dir.display(),
+            saved.progress()
+        );
+        self.run = Some(Run::start(ctx, saved.config, Some(saved.dir)));
+    }
+
+    fn replace_dialog(&mut self, ctx: &egui::Context, settings: &TrainingSettings) {
+        let (true, Some(saved)) = (self.confirm_replace, &self.resumable) else {
+            self.confirm_replace = false;
+            return;
+        };
+        let Some(answer) = resume::replace_dialog(ctx, saved) else {
+            return;
+        };
+        self.confirm_replace = false;
+        match answer {
+            ReplaceAnswer::Resume => self.resume(ctx),
+            ReplaceAnswer::StartOver => self.start_new(ctx, settings),
+            ReplaceAnswer::Cancel => {}
+        }
     }
 
     /// Sends a command to the run (Stop asks first in the UI; this sends it as it is).
@@ -378,23 +476,17 @@ impl TrainingView {
         }
     }
 
-    fn apply_preset(&mut self, settings: &mut TrainingSettings, index: usize) {
+    fn apply_preset(&mut self, ctx: &egui::Context, settings: &mut TrainingSettings, index: usize) {
         let preset = &self.presets[index];
-        match preset.config() {
-            Ok(mut new) => {
-                let old = &settings.config;
-                new.model = old.model.clone();
-                new.dataset.folder = old.dataset.folder.clone();
-                new.dataset.caption_extension = old.dataset.caption_extension.clone();
-                new.saving.output_dir = old.saving.output_dir.clone();
-                new.saving.output_name = old.saving.output_name.clone();
-                new.sampling.prompts = old.sampling.prompts.clone();
+        match preset.apply_to(&settings.config) {
+            Ok(new) => {
                 settings.config = new;
+                self.form_errors.reset(ctx);
                 settings.preset = preset.name.clone();
                 self.status = format!("Loaded the preset {}.", preset.info.title);
                 self.config_changed();
             }
-            Err(e) => self.status = format!("The preset {} is broken: {}", preset.name, e.0),
+            Err(e) => self.status = format!("The preset {} is broken: {e}", preset.name),
         }
     }
 
@@ -424,13 +516,11 @@ impl TrainingView {
             }
         });
         self.stop_dialog(ui.ctx());
+        self.replace_dialog(ui.ctx(), settings);
     }
 
     fn configure(&mut self, ui: &mut Ui, settings: &mut TrainingSettings) {
         ui.heading("Configure");
-        if let Some(v) = &self.validation {
-            ui.colored_label(ui.visuals().error_fg_color, format!("Invalid setting: {v}"));
-        }
         self.model_section(ui, settings);
         ui.separator();
         self.device_line(ui);
@@ -439,18 +529,19 @@ impl TrainingView {
         ui.separator();
         self.dataset_and_output(ui, settings);
         ui.separator();
-        let mut changed = training_form::common(ui, &mut settings.config);
+        let errors = &mut self.form_errors;
+        let mut changed = training_form::common(ui, &mut settings.config, errors);
         ui.add_space(4.0);
         egui::CollapsingHeader::new("Advanced")
             .id_salt("training-advanced")
             .show(ui, |ui| {
-                changed |= training_form::advanced(ui, &mut settings.config);
+                changed |= training_form::advanced(ui, &mut settings.config, errors);
             });
         ui.separator();
-        changed |= training_form::sampling(ui, &mut settings.config);
+        changed |= training_form::sampling(ui, &mut settings.config, errors);
         if changed {
             self.config_changed();
-            self.validation = settings.config.validate().err().map(|e| e.0);
+            self.validate(&settings.config);
         }
     }
 
@@ -611,7 +702,7 @@ impl TrainingView {
             );
         }
         if let Some(i) = chosen {
-            self.apply_preset(settings, i);
+            self.apply_preset(ui.ctx(), settings, i);
         }
         self.save_preset_form(ui, settings);
     }
@@ -783,6 +874,7 @@ impl TrainingView {
             {
                 self.send(Command::SaveNow);
             }
+            self.resume_button(ui);
             if self.run.is_some()
                 && !active
                 && ui
@@ -796,7 +888,8 @@ impl TrainingView {
         if let Some(why) = &blocker
             && !self.is_running()
         {
-            ui.colored_label(ui.visuals().warn_fg_color, why);
+            let color = ui.visuals().warn_fg_color;
+            ui.add(egui::Label::new(RichText::new(why).color(color)).wrap());
         }
         if !self.status.is_empty() {
             ui.weak(&self.status);
@@ -805,7 +898,7 @@ impl TrainingView {
 
     fn plan_panel(&mut self, ui: &mut Ui, settings: &TrainingSettings) {
         ui.heading("Plan");
-        if let Some(v) = &self.validation {
+        if let Some(v) = self.form_problem() {
             ui.colored_label(ui.visuals().error_fg_color, format!("Invalid setting: {v}"));
             return;
         }
@@ -822,7 +915,7 @@ impl TrainingView {
             }
             Some(Ok(p)) => {
                 let card = self.device.as_ref().and_then(|d| d.memory).map(|(_, t)| t);
-                plan_details(ui, p, card, &settings.config, self.last_speed);
+                plan_view::plan_details(ui, p, card, &settings.config, self.last_speed);
             }
         }
     }
@@ -890,114 +983,6 @@ impl TrainingView {
     }
 }
 
-fn plan_details(
-    ui: &mut Ui,
-    p: &Preview,
-    card_total: Option<u64>,
-    config: &TrainConfig,
-    speed: Option<f64>,
-) {
-    let plan = &p.plan;
-    egui::Grid::new("plan-grid")
-        .num_columns(2)
-        .spacing([16.0, 4.0])
-        .show(ui, |ui| {
-            let mut row = |k: &str, v: String| {
-                ui.label(k);
-                ui.label(v);
-                ui.end_row();
-            };
-            row("Images", plan.images.to_string());
-            row(
-                "Image uses per epoch (repeats)",
-                plan.samples_per_epoch.to_string(),
-            );
-            row("Buckets", plan.buckets.len().to_string());
-            row("Steps per epoch", plan.steps_per_epoch.to_string());
-            row("Total steps", plan.total_steps.to_string());
-            row("Device", format!("{} ({})", plan.device, plan.precision));
-            row("Output folder", plan.output_dir.display().to_string());
-            row(
-                "LoRA file",
-                plan.lora_file
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
-            );
-        });
-    ui.collapsing("Buckets (width x height: image uses)", |ui| {
-        for (w, h, n) in &plan.buckets {
-            ui.label(format!("{w} x {h}: {n}"));
-        }
-    });
-    ui.add_space(6.0);
-    ui.strong("Device memory");
-    let total = p.memory.total_bytes;
-    match card_total {
-        Some(card) => {
-            ui.add(
-                egui::ProgressBar::new((total as f32 / card.max(1) as f32).min(1.0))
-                    .desired_width(360.0)
-                    .text(format!("about {} of {}", bytes(total), bytes(card))),
-            );
-            if let Some(advice) = p.memory.advice(card, config) {
-                egui::Frame::new()
-                    .stroke(egui::Stroke::new(1.5, ui.visuals().error_fg_color))
-                    .inner_margin(8.0)
-                    .corner_radius(4.0)
-                    .show(ui, |ui| {
-                        ui.label(
-                            RichText::new("This run will not fit the card.")
-                                .strong()
-                                .color(ui.visuals().error_fg_color),
-                        );
-                        ui.label(advice);
-                    });
-            }
-        }
-        None => {
-            ui.label(format!(
-                "about {} (no GPU: the run uses main memory)",
-                bytes(total)
-            ));
-        }
-    }
-    ui.collapsing("Where the memory goes", |ui| {
-        for (part, b) in &p.memory.parts {
-            ui.label(format!("{part}: {}", bytes(*b)));
-        }
-    });
-    for w in &p.warnings {
-        ui.colored_label(ui.visuals().warn_fg_color, w);
-    }
-    match speed {
-        Some(it_s) => {
-            ui.label(format!(
-                "Estimated time: about {} at {it_s:.2} it/s (the speed of the last run)",
-                duration(plan.total_steps.saturating_sub(plan.start_step) as f64 / it_s)
-            ));
-        }
-        None => {
-            ui.weak("The time estimate appears once the first steps have run.");
-        }
-    }
-}
-
-/// 1.23 M, 860 M, 1.1 G.
-fn si(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2} G", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.1} M", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.1} k", n / 1e3)
-    } else {
-        format!("{n}")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1021,18 +1006,21 @@ mod tests {
     }
 
     #[test]
-    fn the_demo_project_layers_its_config_over_the_cpu_preset() {
+    fn the_demo_project_is_the_cpu_preset_with_its_project_settings() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("demo.toml"),
-            "[training]\nsteps = 77\n[saving]\noutput_name = \"d\"\n",
+            "[saving]\noutput_name = \"d\"\n[[sampling.prompts]]\nprompt = \"zk\"\n",
         )
         .unwrap();
         let s = TrainingSettings::demo(dir.path()).unwrap();
         assert!(s.demo);
         assert_eq!(s.preset, "cpu-demo");
-        assert_eq!(s.config.training.steps, 77);
+        let preset = presets::find("cpu-demo").unwrap().config().unwrap();
+        assert_eq!(s.config.training.steps, preset.training.steps);
+        assert_eq!(s.config.optimizer.lr, preset.optimizer.lr);
         assert_eq!(s.config.dataset.resolution, 64, "from the preset");
+        assert_eq!(s.config.sampling.prompts[0].prompt, "zk");
         assert_eq!(s.config.saving.output_name, "d");
         assert_eq!(s.config.model.checkpoint, dir.path().join("model"));
         assert!(s.config.saving.output_dir.ends_with("demo-output"));

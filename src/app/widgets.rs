@@ -42,42 +42,128 @@ pub fn labeled_drag<N: egui::emath::Numeric>(
         .labelled_by(l.id)
 }
 
-/// One row of a two-column `egui::Grid` form: the label (with the tooltip) and a drag value named by it.
+/// A number the form edits as text.
+pub trait FormNumber: Copy + PartialOrd + std::str::FromStr + std::fmt::Display {
+    /// "a whole number" or "a number", for messages.
+    const KIND: &'static str;
+    /// How the value is written into its field.
+    fn show(self) -> String {
+        self.to_string()
+    }
+}
+
+macro_rules! whole_numbers {
+    ($($t:ty),*) => {$(impl FormNumber for $t { const KIND: &'static str = "a whole number"; })*};
+}
+whole_numbers!(u32, u64, usize);
+
+impl FormNumber for f64 {
+    const KIND: &'static str = "a number";
+    fn show(self) -> String {
+        // Learning rates and epsilons read best as 3e-4 and 1e-8.
+        if self != 0.0 && self.abs() < 1e-3 {
+            format!("{self:e}")
+        } else {
+            self.to_string()
+        }
+    }
+}
+
+/// Problems with what was typed into a form, by the label on screen; any of them blocks Start. An entry stays
+/// while its field is out of sight (a collapsed section) and goes when the field holds a valid value again.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FormErrors(std::collections::BTreeMap<String, String>);
+
+impl FormErrors {
+    pub fn first(&self) -> Option<&str> {
+        self.0.values().next().map(String::as_str)
+    }
+
+    /// Forgets every entry and what the fields held: the config was replaced (a preset, an import).
+    pub fn reset(&mut self, ctx: &egui::Context) {
+        self.0.clear();
+        ctx.data_mut(|d| d.remove_by_type::<TypedNumber>());
+    }
+}
+
+/// A number field's text while it is edited, and the value it last showed (to notice changes from elsewhere).
+#[derive(Clone, Default)]
+struct TypedNumber {
+    text: String,
+    shown: String,
+}
+
+/// A text field editing `value`: what the user types stays on screen, and a value that does not parse or lies
+/// outside `range` is reported in `errors` under `label` (and left out of `value`) instead of being corrected.
+/// Returns true when `value` changed.
+pub fn number_field<N: FormNumber>(
+    ui: &mut Ui,
+    label: &str,
+    value: &mut N,
+    range: std::ops::RangeInclusive<N>,
+    errors: &mut FormErrors,
+    width: f32,
+) -> Response {
+    let id = ui.scope_id().with(("number", label));
+    let current = value.show();
+    let mut typed = ui
+        .data(|d| d.get_temp::<TypedNumber>(id))
+        .filter(|t| t.shown == current)
+        .unwrap_or_else(|| TypedNumber {
+            text: current.clone(),
+            shown: current.clone(),
+        });
+    let invalid = errors.0.contains_key(label);
+    let mut edit = TextEdit::singleline(&mut typed.text).desired_width(width);
+    if invalid {
+        edit = edit.text_color(ui.visuals().error_fg_color);
+    }
+    let mut r = ui.add(edit);
+    if r.changed() || !typed.text.trim().eq(current.as_str()) {
+        match typed.text.trim().parse::<N>() {
+            Ok(n) if range.contains(&n) => {
+                errors.0.remove(label);
+                if n != *value {
+                    *value = n;
+                    typed.shown = n.show();
+                    r.mark_changed();
+                }
+            }
+            _ => {
+                errors.0.insert(
+                    label.to_owned(),
+                    format!(
+                        "{label}: \"{}\" is not valid; enter {} from {} to {}.",
+                        typed.text.trim(),
+                        N::KIND,
+                        range.start().show(),
+                        range.end().show()
+                    ),
+                );
+            }
+        }
+    } else {
+        errors.0.remove(label);
+    }
+    if let Some(e) = errors.0.get(label) {
+        r = r.on_hover_text(e);
+    }
+    ui.data_mut(|d| d.insert_temp(id, typed));
+    r
+}
+
+/// One row of a two-column `egui::Grid` form: the label (with the tooltip) and a number field named by it.
 /// Returns true when the value changed.
-pub fn form_drag<N: egui::emath::Numeric>(
+pub fn form_number<N: FormNumber>(
     ui: &mut Ui,
     label: &str,
     tip: &str,
     value: &mut N,
     range: std::ops::RangeInclusive<N>,
-    speed: f64,
+    errors: &mut FormErrors,
 ) -> bool {
     let l = ui.label(label).on_hover_text(tip);
-    let r = ui
-        .add(egui::DragValue::new(value).range(range).speed(speed))
-        .labelled_by(l.id)
-        .on_hover_text(tip);
-    ui.end_row();
-    r.changed()
-}
-
-/// A form row for a small positive number best read in scientific notation (learning rates, epsilon).
-pub fn form_sci(
-    ui: &mut Ui,
-    label: &str,
-    tip: &str,
-    value: &mut f64,
-    range: std::ops::RangeInclusive<f64>,
-) -> bool {
-    let l = ui.label(label).on_hover_text(tip);
-    let speed = (value.abs() * 0.01).max(1e-9);
-    let r = ui
-        .add(
-            egui::DragValue::new(value)
-                .range(range)
-                .speed(speed)
-                .custom_formatter(|v, _| format!("{v:.2e}")),
-        )
+    let r = number_field(ui, label, value, range, errors, 120.0)
         .labelled_by(l.id)
         .on_hover_text(tip);
     ui.end_row();
@@ -88,17 +174,6 @@ pub fn form_sci(
 pub fn form_check(ui: &mut Ui, label: &str, tip: &str, value: &mut bool) -> bool {
     ui.label("");
     let r = ui.checkbox(value, label).on_hover_text(tip);
-    ui.end_row();
-    r.changed()
-}
-
-/// A form row with a single-line text field.
-pub fn form_text(ui: &mut Ui, label: &str, tip: &str, value: &mut String, width: f32) -> bool {
-    let l = ui.label(label).on_hover_text(tip);
-    let r = ui
-        .add(TextEdit::singleline(value).desired_width(width))
-        .labelled_by(l.id)
-        .on_hover_text(tip);
     ui.end_row();
     r.changed()
 }
@@ -164,5 +239,19 @@ pub fn duration(s: f64) -> String {
         format!("{} min {:02} s", s / 60, s % 60)
     } else {
         format!("{s} s")
+    }
+}
+
+/// 1.23 M, 860 M, 1.1 G.
+pub fn si(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} G", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} M", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} k", n / 1e3)
+    } else {
+        format!("{n}")
     }
 }

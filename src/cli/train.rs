@@ -41,18 +41,25 @@ pub struct TrainArgs {
     /// The LoRA's name (the output file is NAME.safetensors).
     #[arg(long)]
     name: Option<String>,
+    /// Total optimizer steps (`training.steps`; 0 lets the epochs decide).
     #[arg(long)]
     steps: Option<u64>,
+    /// Base training resolution in pixels, a multiple of 8 (`dataset.resolution`: 512 for SD 1.5).
     #[arg(long)]
     resolution: Option<u32>,
+    /// Images per step (`training.batch_size`; usually 1-4).
     #[arg(long)]
     batch_size: Option<u32>,
+    /// Adapter rank (`network.rank`; usually 4-64).
     #[arg(long)]
     rank: Option<u32>,
+    /// Adapter alpha, scaling its effect by alpha / rank (`network.alpha`).
     #[arg(long)]
     alpha: Option<f64>,
+    /// Learning rate (`optimizer.lr`; usually 1e-4).
     #[arg(long)]
     lr: Option<f64>,
+    /// Seed of the noise, timesteps and data order (`training.seed`): the same seed repeats a run.
     #[arg(long)]
     seed: Option<u64>,
     /// Save the LoRA and the state every N steps.
@@ -255,11 +262,11 @@ impl Bar {
                 self.bar.set_position(*done as u64);
             }
             Event::Plan(p) => self.line(&format!(
-                "{} images ({} uses per epoch) in {} buckets, {} steps per epoch, {} steps; device {} ({})\n\
+                "{} ({} uses per epoch) in {}, {} steps per epoch, {} steps; device {} ({})\n\
                  output: {}",
-                p.images,
+                crate::words::count(p.images as u64, "image"),
                 p.samples_per_epoch,
-                p.buckets.len(),
+                crate::words::count(p.buckets.len() as u64, "bucket"),
                 p.steps_per_epoch,
                 p.total_steps,
                 p.device,
@@ -268,10 +275,7 @@ impl Bar {
             )),
             Event::Progress(s) => {
                 if self.bar.length() != Some(s.total_steps) || self.bar.is_finished() {
-                    self.restart(
-                        s.total_steps,
-                        "[{bar:30}] {pos}/{len} {msg} eta {eta}",
-                    );
+                    self.restart(s.total_steps, "[{bar:30}] {pos}/{len} {msg} eta {eta}");
                 }
                 let mem = match (s.memory_used, s.memory_total) {
                     (Some(u), Some(t)) => format!(

@@ -92,6 +92,13 @@ impl Buckets {
         }
     }
 
+    /// One square bucket of `side` (bucketing off: every image is cropped to it).
+    pub fn square(side: u32) -> Self {
+        Buckets {
+            list: vec![(side, side)],
+        }
+    }
+
     pub fn list(&self) -> &[(u32, u32)] {
         &self.list
     }

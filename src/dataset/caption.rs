@@ -28,6 +28,9 @@ pub enum CaptionStatus {
 pub struct TextStyle {
     pub bom: bool,
     pub crlf: bool,
+    /// The file ends with a line break. It is kept out of the text, so that text appended in the editor (or a
+    /// tag added by a bulk edit) stays on the first line, the one kohya reads.
+    pub final_newline: bool,
 }
 
 /// A caption as the editor sees it: text with `\n` line endings, plus how to write it back.
@@ -73,7 +76,11 @@ impl Caption {
             Err(_) => (String::from_utf8_lossy(body).into_owned(), false),
         };
         let crlf = raw.contains("\r\n");
-        let text = raw.replace("\r\n", "\n");
+        let mut text = raw.replace("\r\n", "\n");
+        let final_newline = text.ends_with('\n');
+        if final_newline {
+            text.pop();
+        }
         let status = if !utf8 {
             CaptionStatus::NotUtf8
         } else if text.trim().is_empty() {
@@ -84,16 +91,24 @@ impl Caption {
         Caption {
             text,
             status,
-            style: TextStyle { bom, crlf },
+            style: TextStyle {
+                bom,
+                crlf,
+                final_newline,
+            },
         }
     }
 
     /// The bytes this caption is saved as: its style's line endings and BOM, always UTF-8.
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut text = self.text.clone();
+        if self.style.final_newline && !text.is_empty() {
+            text.push('\n');
+        }
         let body = if self.style.crlf {
-            self.text.replace('\n', "\r\n")
+            text.replace('\n', "\r\n")
         } else {
-            self.text.clone()
+            text
         };
         let mut out = Vec::with_capacity(body.len() + 3);
         if self.style.bom {
@@ -107,6 +122,9 @@ impl Caption {
     pub fn save(&mut self, path: &Path, text: &str) -> std::io::Result<()> {
         let mut next = self.clone();
         next.text = text.replace("\r\n", "\n");
+        if self.style.final_newline && next.text.ends_with('\n') {
+            next.text.pop();
+        }
         write_atomic(path, &next.to_bytes())?;
         next.status = if next.text.trim().is_empty() {
             CaptionStatus::Empty
@@ -196,11 +214,27 @@ mod tests {
             c.style,
             TextStyle {
                 bom: true,
-                crlf: true
+                crlf: true,
+                final_newline: false,
             }
         );
         c.save(&path, "three\nfour").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"\xEF\xBB\xBFthree\r\nfour");
+    }
+
+    #[test]
+    fn a_final_line_break_stays_out_of_the_text_and_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.txt");
+        std::fs::write(&path, b"cat, sitting\n").unwrap();
+        let mut c = Caption::load(&path);
+        assert_eq!(c.text, "cat, sitting", "appended text lands on line 1");
+        c.save(&path, &format!("{}, red", c.text)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"cat, sitting, red\n");
+        std::fs::write(&path, b"one\r\n").unwrap();
+        let mut c = Caption::load(&path);
+        c.save(&path, "two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two\r\n");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod buckets;
 pub mod caption;
+pub mod decoded;
 pub mod edit;
 pub mod import;
 pub mod inspect;

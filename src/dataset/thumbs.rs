@@ -5,39 +5,47 @@
 use super::inspect::{ImageError, thumbnail};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use std::collections::{HashSet, VecDeque};
+use std::hash::Hash;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 
 /// A decoded thumbnail for the image with caller-chosen `id`.
-pub struct Thumb {
-    pub id: usize,
+pub struct Thumb<K> {
+    pub id: K,
     pub image: Result<image::RgbaImage, ImageError>,
 }
 
-#[derive(Default)]
-struct Pending {
-    wanted: VecDeque<(usize, PathBuf)>,
+struct Pending<K> {
+    wanted: VecDeque<(K, PathBuf)>,
     /// Ids a worker is decoding now; never queued again, so nothing is decoded twice at once.
-    in_flight: HashSet<usize>,
+    in_flight: HashSet<K>,
     shutdown: bool,
 }
 
-#[derive(Default)]
-struct Queue {
-    pending: Mutex<Pending>,
+struct Queue<K> {
+    pending: Mutex<Pending<K>>,
     ready: Condvar,
 }
 
-pub struct ThumbLoader {
-    queue: Arc<Queue>,
-    results: Receiver<Thumb>,
+/// Thumbnails on worker threads, for images named by ids of type `K` (the GUI uses the image's path, so a
+/// result can never land on another image's cell).
+pub struct ThumbLoader<K> {
+    queue: Arc<Queue<K>>,
+    results: Receiver<Thumb<K>>,
 }
 
-impl ThumbLoader {
+impl<K: Clone + Eq + Hash + Send + 'static> ThumbLoader<K> {
     /// Starts `threads` workers producing thumbnails whose longer side is `max_side`; `notify` is called after
     /// each one is ready (the GUI passes a repaint request).
     pub fn new(threads: usize, max_side: u32, notify: impl Fn() + Send + Sync + 'static) -> Self {
-        let queue = Arc::new(Queue::default());
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending {
+                wanted: VecDeque::new(),
+                in_flight: HashSet::new(),
+                shutdown: false,
+            }),
+            ready: Condvar::new(),
+        });
         let (tx, results) = unbounded();
         let notify = Arc::new(notify);
         for _ in 0..threads.max(1) {
@@ -48,7 +56,7 @@ impl ThumbLoader {
     }
 
     /// Replaces the pending requests with `wanted`, first = most urgent. Ids being decoded are skipped.
-    pub fn want(&self, wanted: impl IntoIterator<Item = (usize, PathBuf)>) {
+    pub fn want(&self, wanted: impl IntoIterator<Item = (K, PathBuf)>) {
         let mut q = self.queue.pending.lock().unwrap();
         let Pending {
             wanted: queue,
@@ -63,12 +71,12 @@ impl ThumbLoader {
     }
 
     /// Thumbnails finished since the last call.
-    pub fn finished(&self) -> impl Iterator<Item = Thumb> + '_ {
+    pub fn finished(&self) -> impl Iterator<Item = Thumb<K>> + '_ {
         self.results.try_iter()
     }
 }
 
-impl Drop for ThumbLoader {
+impl<K> Drop for ThumbLoader<K> {
     /// Workers stop after their current image; we do not wait for them (a huge image must not block the UI).
     fn drop(&mut self) {
         self.queue.pending.lock().unwrap().shutdown = true;
@@ -76,7 +84,12 @@ impl Drop for ThumbLoader {
     }
 }
 
-fn worker(queue: &Queue, tx: &Sender<Thumb>, max_side: u32, notify: &(dyn Fn() + Send + Sync)) {
+fn worker<K: Clone + Eq + Hash>(
+    queue: &Queue<K>,
+    tx: &Sender<Thumb<K>>,
+    max_side: u32,
+    notify: &(dyn Fn() + Send + Sync),
+) {
     loop {
         let (id, path) = {
             let mut q = queue.pending.lock().unwrap();
@@ -85,7 +98,7 @@ fn worker(queue: &Queue, tx: &Sender<Thumb>, max_side: u32, notify: &(dyn Fn() +
                     return;
                 }
                 if let Some(job) = q.wanted.pop_front() {
-                    q.in_flight.insert(job.0);
+                    q.in_flight.insert(job.0.clone());
                     break job;
                 }
                 q = queue.ready.wait(q).unwrap();
@@ -93,7 +106,12 @@ fn worker(queue: &Queue, tx: &Sender<Thumb>, max_side: u32, notify: &(dyn Fn() +
         };
         let image = thumbnail(&path, max_side);
         // Send before leaving `in_flight`: the UI reads results before it asks again, so it never re-asks.
-        let sent = tx.send(Thumb { id, image }).is_ok();
+        let sent = tx
+            .send(Thumb {
+                id: id.clone(),
+                image,
+            })
+            .is_ok();
         queue.pending.lock().unwrap().in_flight.remove(&id);
         if !sent {
             return;

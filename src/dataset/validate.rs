@@ -29,7 +29,9 @@ pub fn inspect_all(
                     if i >= paths.len() || cancel.load(Ordering::Relaxed) {
                         break;
                     }
-                    done(i, inspect(&paths[i]));
+                    let result = inspect(&paths[i]);
+                    super::decoded::note(&paths[i], &result);
+                    done(i, result);
                 }
             });
         }

@@ -74,7 +74,7 @@ pub enum CheckpointError {
     NotSafetensors { path: PathBuf, detail: String },
     #[error(
         "{} is a LoRA (it has tensors like `{example}`), not a base model. Open the checkpoint it was made for \
-         as the model; LoRA files go in the LoRA fields.",
+         as the model. To try a LoRA, pick it in the Samples workspace (or `lora-studio sample --lora FILE`).",
         path.display()
     )]
     IsLora { path: PathBuf, example: String },

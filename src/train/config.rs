@@ -236,8 +236,29 @@ pub struct SavingConfig {
     pub every_n_epochs: u32,
     /// Keep only the newest K intermediate saves (0 = keep all).
     pub keep_last: u32,
-    /// Tensor precision of the saved LoRA: "fp16", "bf16" or "fp32".
-    pub dtype: String,
+    /// Tensor precision of the saved LoRA.
+    pub dtype: SaveDtype,
+}
+
+/// The tensor precision LoRA files are written in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaveDtype {
+    /// What other tools expect: half the size of fp32 and no visible loss.
+    #[default]
+    Fp16,
+    Bf16,
+    Fp32,
+}
+
+impl SaveDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            SaveDtype::Fp16 => candle_core::DType::F16,
+            SaveDtype::Bf16 => candle_core::DType::BF16,
+            SaveDtype::Fp32 => candle_core::DType::F32,
+        }
+    }
 }
 
 impl Default for SavingConfig {
@@ -248,7 +269,7 @@ impl Default for SavingConfig {
             every_n_steps: 0,
             every_n_epochs: 0,
             keep_last: 0,
-            dtype: "fp16".into(),
+            dtype: SaveDtype::Fp16,
         }
     }
 }
@@ -392,9 +413,6 @@ impl TrainConfig {
             if !(0.0..=1.0).contains(&p) {
                 return err(name, "is a probability and must be in [0, 1]");
             }
-        }
-        if !["fp16", "bf16", "fp32"].contains(&self.saving.dtype.as_str()) {
-            return err("saving.dtype", "must be \"fp16\", \"bf16\" or \"fp32\"");
         }
         if self.saving.output_name.trim().is_empty()
             || self.saving.output_name.contains(['/', '\\'])

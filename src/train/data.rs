@@ -36,6 +36,9 @@ pub struct DataPlan {
     pub items: Vec<Item>,
     /// Images that cannot be read (path, why): left out, reported once.
     pub skipped: Vec<(PathBuf, String)>,
+    /// How much the most upscaled image is enlarged to cover its bucket, and how many are (the dataset
+    /// workspace's "too small" check, from the same placement).
+    pub upscaled: (usize, f64),
     batch_size: usize,
     flip: bool,
     seed: u64,
@@ -45,9 +48,13 @@ impl DataPlan {
     /// Places every readable image of `scan` in its bucket (square at the resolution when bucketing is off).
     pub fn new(scan: &Scan, cfg: &DatasetConfig, batch_size: usize, seed: u64) -> DataPlan {
         let buckets = Buckets::new(&bucket_config(cfg));
-        let (mut items, mut skipped) = (Vec::new(), Vec::new());
+        let (mut items, mut skipped, mut upscaled) = (Vec::new(), Vec::new(), (0, 1.0f64));
         for e in &scan.entries {
-            match dimensions(&e.path) {
+            let size = match crate::dataset::decoded::broken(&e.path) {
+                Some(why) => Err(crate::dataset::ImageError(why)),
+                None => dimensions(&e.path),
+            };
+            match size {
                 Ok(size) => items.push(Item {
                     path: e.path.clone(),
                     caption: if e.caption.status == CaptionStatus::Ok {
@@ -56,10 +63,16 @@ impl DataPlan {
                         String::new()
                     },
                     repeats: scan.repeats_of(&e.folder),
-                    bucket: if cfg.bucketing {
-                        buckets.place(size).bucket
-                    } else {
-                        (cfg.resolution, cfg.resolution)
+                    bucket: {
+                        let placed = if cfg.bucketing {
+                            buckets.place(size)
+                        } else {
+                            Buckets::square(cfg.resolution).place(size)
+                        };
+                        if placed.upscaled() {
+                            upscaled = (upscaled.0 + 1, upscaled.1.max(placed.scale));
+                        }
+                        placed.bucket
                     },
                 }),
                 Err(why) => skipped.push((e.path.clone(), why.0)),
@@ -68,6 +81,7 @@ impl DataPlan {
         DataPlan {
             items,
             skipped,
+            upscaled,
             batch_size: batch_size.max(1),
             flip: cfg.flip,
             seed,
@@ -216,6 +230,38 @@ mod tests {
         write("b/wide2.png", 700, 560);
         std::fs::write(dir.join("b/broken.png"), b"no").unwrap();
         crate::dataset::scan(dir, &AtomicBool::new(false)).unwrap()
+    }
+
+    #[test]
+    fn images_the_dataset_checks_could_not_decode_are_left_out_and_small_ones_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let scan = dataset(dir.path());
+        // A truncated PNG: its header reads, its pixels do not.
+        let whole = std::fs::read(dir.path().join("3_a/square.png")).unwrap();
+        std::fs::write(dir.path().join("b/cut.png"), &whole[..whole.len() / 2]).unwrap();
+        let scan = crate::dataset::scan(dir.path(), &AtomicBool::new(false)).unwrap_or(scan);
+        let cfg = DatasetConfig::default();
+        assert_eq!(DataPlan::new(&scan, &cfg, 1, 0).items.len(), 5);
+        let paths: Vec<_> = scan.entries.iter().map(|e| e.path.clone()).collect();
+        crate::dataset::validate::inspect_all(&paths, 1, &AtomicBool::new(false), &|_, _| {});
+        let plan = DataPlan::new(&scan, &cfg, 1, 0);
+        assert_eq!(
+            plan.items.len(),
+            4,
+            "as many as the dataset checks found readable"
+        );
+        assert_eq!(plan.skipped.len(), 2);
+        let low = DatasetConfig {
+            resolution: 1024,
+            min_bucket_side: 512,
+            max_bucket_side: 2048,
+            ..Default::default()
+        };
+        assert_eq!(
+            DataPlan::new(&scan, &low, 1, 0).upscaled.0,
+            4,
+            "every image is below 1024 px"
+        );
     }
 
     #[test]

@@ -129,6 +129,14 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
             "{missing} images have no usable caption ({ext}); they train with an empty caption"
         ));
     }
+    let (upscaled, most) = plan.upscaled;
+    if upscaled > 0 {
+        warnings.push(format!(
+            "{upscaled} of {} images are smaller than their bucket and are upscaled (up to ×{most:.2}), so they \
+             train blurry: use larger originals or a lower `dataset.resolution`",
+            plan.items.len()
+        ));
+    }
     let uses = bucket_uses(&plan);
     let largest = uses.values().copied().max().unwrap_or(0);
     if batch > largest {

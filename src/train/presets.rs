@@ -63,6 +63,49 @@ impl Preset {
     pub fn config(&self) -> Result<TrainConfig, ConfigError> {
         TrainConfig::build(&[(&format!("preset {}", self.name), &self.layer)], &[])
     }
+
+    /// This preset chosen while `current` is being edited: the defaults, the preset, then `current`'s project
+    /// settings (model, dataset, output, sample prompts). Whatever was chosen before, the result is the same.
+    pub fn apply_to(&self, current: &TrainConfig) -> Result<TrainConfig, ConfigError> {
+        let project = toml::to_string(&project_table(current)).expect("a TOML table serializes");
+        TrainConfig::build(
+            &[
+                (&format!("preset {}", self.name), &self.layer),
+                ("the project's settings", &project),
+            ],
+            &[],
+        )
+    }
+}
+
+/// The settings that belong to a project rather than to a card, as (section, key); the whole `model` table
+/// belongs to the project too. A preset never carries them and choosing one keeps them.
+const PROJECT_KEYS: [(&str, &str); 5] = [
+    ("dataset", "folder"),
+    ("dataset", "caption_extension"),
+    ("saving", "output_dir"),
+    ("saving", "output_name"),
+    ("sampling", "prompts"),
+];
+
+/// `config`'s project settings alone, as a config layer.
+fn project_table(config: &TrainConfig) -> toml::Table {
+    let full = toml::Table::try_from(config).expect("config serializes");
+    let mut project = toml::Table::new();
+    if let Some(model) = full.get("model") {
+        project.insert("model".into(), model.clone());
+    }
+    for (section, key) in PROJECT_KEYS {
+        if let Some(value) = full.get(section).and_then(|t| t.get(key)) {
+            let mut table = (project.get(section))
+                .and_then(toml::Value::as_table)
+                .cloned()
+                .unwrap_or_default();
+            table.insert(key.into(), value.clone());
+            project.insert(section.into(), toml::Value::Table(table));
+        }
+    }
+    project
 }
 
 /// The presets that ship with the app.
@@ -149,12 +192,7 @@ pub fn save_user(
     let mut table = toml::Table::try_from(config).expect("config serializes");
     table.remove("model");
     table.remove("schema");
-    for (section, key) in [
-        ("dataset", "folder"),
-        ("saving", "output_dir"),
-        ("saving", "output_name"),
-        ("sampling", "prompts"),
-    ] {
+    for (section, key) in PROJECT_KEYS {
         if let Some(toml::Value::Table(t)) = table.get_mut(section) {
             t.remove(key);
         }
@@ -217,5 +255,30 @@ mod tests {
         assert_eq!(problems.len(), 1);
         assert!(problems[0].contains("broken") && problems[0].contains("rnak"));
         assert!(save_user(dir.path(), "../x", &info, &config).is_err());
+    }
+
+    #[test]
+    fn choosing_a_preset_gives_the_same_config_whatever_came_before() {
+        let presets = builtin();
+        let mut project = TrainConfig::default();
+        project.model.checkpoint = "/models/base.safetensors".into();
+        project.dataset.folder = "/data/dog".into();
+        project.saving.output_name = "dog".into();
+        project.network.rank = 77;
+        for first in &presets {
+            let demo = presets.iter().find(|p| p.name == "cpu-demo").unwrap();
+            let direct = demo.apply_to(&project).unwrap();
+            let via = demo.apply_to(&first.apply_to(&project).unwrap()).unwrap();
+            assert_eq!(
+                direct.to_toml(),
+                via.to_toml(),
+                "cpu-demo after {}",
+                first.name
+            );
+            assert_eq!(direct.network.rank, demo.config().unwrap().network.rank);
+            assert_eq!(direct.dataset.folder, project.dataset.folder);
+            assert_eq!(direct.model.checkpoint, project.model.checkpoint);
+            assert_eq!(direct.saving.output_name, "dog");
+        }
     }
 }

@@ -776,13 +776,13 @@ impl<'a> Trainer<'a> {
             .trainable
             .to_lora_set()
             .map_err(|e| self.failure("saving the LoRA", e))?;
-        let dtype = match self.config.saving.dtype.as_str() {
-            "fp32" => DType::F32,
-            "bf16" => DType::BF16,
-            _ => DType::F16,
-        };
-        crate::lora::save_kohya(&set, &path, &self.metadata(), dtype)
-            .map_err(|e| self.failure("saving the LoRA", e))?;
+        crate::lora::save_kohya(
+            &set,
+            &path,
+            &self.metadata(),
+            self.config.saving.dtype.dtype(),
+        )
+        .map_err(|e| self.failure("saving the LoRA", e))?;
         self.emit(Event::Saved {
             step,
             path,
