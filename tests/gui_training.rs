@@ -218,7 +218,7 @@ fn the_whole_training_journey() {
     nav(&mut h, "Training");
     h.run_steps(3);
     set_number(&mut h, "Steps", "2000");
-    h.run_steps(3);
+    wait_for(&mut h, "the new plan", 60, |app| !app.training().is_busy());
     h.get_by_label("Start training").click();
     wait_for(&mut h, "two steps of the second run", 120, |app| {
         app.training()

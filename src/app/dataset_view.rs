@@ -195,7 +195,6 @@ impl DatasetView {
         self.error = None;
         self.loading = Some(root.clone());
         self.jobs.scan(root, self.generation);
-        self.thumbs = new_thumb_cache(ctx);
         self.preview = new_preview_cache(ctx);
     }
 
@@ -292,7 +291,7 @@ impl DatasetView {
             JobEvent::Scanned { generation, result } if generation == self.generation => {
                 self.loading = None;
                 match result {
-                    Ok(scan) => self.loaded_scan(settings, scan),
+                    Ok(scan) => self.loaded_scan(ctx, settings, scan),
                     Err(e) => {
                         self.status = "Could not open the dataset.".into();
                         self.error = Some(e);
@@ -335,7 +334,7 @@ impl DatasetView {
         }
     }
 
-    fn loaded_scan(&mut self, settings: &mut DatasetSettings, scan: Scan) {
+    fn loaded_scan(&mut self, ctx: &egui::Context, settings: &mut DatasetSettings, scan: Scan) {
         settings.remember(&scan.root);
         self.status = format!(
             "{} images found in {}.",
@@ -353,9 +352,11 @@ impl DatasetView {
         if self.selected.is_some_and(|i| i >= n) {
             self.selected = None;
         }
-        // Nothing computed for the previous folder may index this one.
+        // Nothing computed or decoded for the previous folder stays: the grid drew it while this one was
+        // being scanned.
         self.derived = None;
         self.filtered.clear();
+        self.thumbs = new_thumb_cache(ctx);
         self.loaded = Some(Loaded {
             scan: Arc::new(scan),
             inspections: Arc::new(vec![None; n]),
