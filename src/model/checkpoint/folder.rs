@@ -3,7 +3,8 @@
 
 use super::component::ComponentWeights;
 use super::file::SafetensorsFile;
-use super::{CheckpointError, Family, Layout, ModelFiles, Prediction, UNetConfig, ldm_keys};
+use super::{CheckpointError, Family, Layout, ModelFiles, Prediction, UNetConfig, ldm_keys, validate};
+use crate::fsutil::admit;
 use crate::model::text_encoder::{Activation, ClipTextConfig};
 use crate::model::vae::VaeConfig;
 use serde::de::DeserializeOwned;
@@ -21,7 +22,9 @@ pub fn open(dir: &Path) -> Result<ModelFiles, CheckpointError> {
     }
     let index: serde_json::Value = read_json(&index)?;
     check_pipeline(dir, index["_class_name"].as_str().unwrap_or_default())?;
-    let text_encoder_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+    let text_json = dir.join("text_encoder/config.json");
+    let text_encoder_config: ClipTextConfig = read_json(&text_json)?;
+    validate::check_text_config(&text_json, &text_encoder_config)?;
     let family = match text_encoder_config.hidden_act {
         Activation::QuickGelu => Family::Sd1,
         Activation::Gelu => Family::Sd2,
@@ -33,22 +36,31 @@ pub fn open(dir: &Path) -> Result<ModelFiles, CheckpointError> {
     )?);
     let vae = Arc::new(component_file(&dir.join("vae"), "diffusion_pytorch_model")?);
     let text_encoder = Arc::new(component_file(&dir.join("text_encoder"), "model")?);
+    let (unet_json, vae_json) = (dir.join("unet/config.json"), dir.join("vae/config.json"));
+    let unet_config = read_json::<UNetConfig>(&unet_json)?;
+    validate::check_unet_config(&unet_json, &unet_config)?;
+    let vae_config = read_json::<VaeConfig>(&vae_json)?;
+    validate::check_vae_config(&vae_json, &vae_config)?;
+    let unet = ComponentWeights::new(unet.clone(), ldm_keys::same(&unet));
+    let vae = ComponentWeights::new(vae.clone(), ldm_keys::diffusers_vae(&vae, ""));
+    let text_encoder =
+        ComponentWeights::new(text_encoder.clone(), ldm_keys::hf_clip(&text_encoder, ""));
+    for (part, weights) in [("unet", &unet), ("vae", &vae), ("text_encoder", &text_encoder)] {
+        validate::check_tensors(&dir.join(part), weights)?;
+    }
     ModelFiles {
         path: dir.to_path_buf(),
         layout: Layout::Diffusers,
         family,
         prediction,
         prediction_reason,
-        unet_config: read_json::<UNetConfig>(&dir.join("unet/config.json"))?,
-        vae_config: read_json::<VaeConfig>(&dir.join("vae/config.json"))?,
+        unet_config,
+        vae_config,
         text_encoder_config,
         vae_path: None,
-        unet: ComponentWeights::new(unet.clone(), ldm_keys::same(&unet)),
-        vae: ComponentWeights::new(vae.clone(), ldm_keys::diffusers_vae(&vae, "")),
-        text_encoder: ComponentWeights::new(
-            text_encoder.clone(),
-            ldm_keys::hf_clip(&text_encoder, ""),
-        ),
+        unet,
+        vae,
+        text_encoder,
     }
     .check_consistent()
 }
@@ -151,7 +163,7 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
+    let text = admit::read_text(path, admit::JSON).map_err(|source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
     })?;
