@@ -321,6 +321,8 @@ fn what_is_not_a_regular_file_is_refused_without_reading() {
     mkfifo(&config);
     let o = run(&["sample", "--model", s(&model), "--prompt", "x", "--out", s(&out)]);
     refused(&o, &[s(&config), "named pipe"]);
+    std::fs::remove_file(&config).unwrap();
+    std::fs::copy(fixture("sd1").join("diffusers/unet/config.json"), &config).unwrap();
     // `--config` a pipe or /dev/zero; the output folder is never made.
     let data = root.join("data");
     common::engine::dataset(&data, 2);
