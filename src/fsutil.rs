@@ -50,7 +50,8 @@ pub fn remove_stale_temps(dir: &Path) -> Vec<PathBuf> {
             continue;
         };
         let path = entry.path();
-        let gone = if kind.is_file() && name.starts_with(TEMP_FILE_PREFIX) && name.ends_with(".tmp") {
+        let gone = if kind.is_file() && name.starts_with(TEMP_FILE_PREFIX) && name.ends_with(".tmp")
+        {
             std::fs::remove_file(&path).is_ok()
         } else if kind.is_dir() && name.starts_with(STATE_STAGING_PREFIX) {
             std::fs::remove_dir_all(&path).is_ok()

@@ -3,7 +3,7 @@
 //! with a non-zero exit, a message that names the file (and tensor or key) and says what to do, and nothing
 //! written or left behind in the output folder. The damaged files are made here from the tiny SD fixtures.
 //!
-//! Checked (the list docs/HOSTILE_INPUT.md gives):
+//! Checked (docs/HOSTILE_INPUT.md lists what each now says):
 //! - not a regular file: a named pipe, `/dev/zero` (through a `.safetensors` link), a folder, a broken link, as
 //!   checkpoint, `--config`, `lora-studio.toml`, caption, `--latents`, LoRA and `sample --out`;
 //! - checkpoints: a zip, a 1-D `conv_in.weight`, a scalar, a 1-D `attn2.to_k`, BOOL/F8/I64 weights, a transposed
@@ -52,7 +52,10 @@ fn run(args: &[&str]) -> Outcome {
         if start.elapsed() > LIMIT {
             child.kill().unwrap();
             child.wait().unwrap();
-            panic!("`lora-studio {}` did not end within {LIMIT:?}", args.join(" "));
+            panic!(
+                "`lora-studio {}` did not end within {LIMIT:?}",
+                args.join(" ")
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -65,11 +68,7 @@ fn run(args: &[&str]) -> Outcome {
 
 /// A refusal: non-zero (and not a panic's 101), no panic text, every `needle` in the message.
 fn refused(o: &Outcome, needles: &[&str]) {
-    assert!(
-        !o.text.contains("panicked"),
-        "panicked:\n{}",
-        o.text
-    );
+    assert!(!o.text.contains("panicked"), "panicked:\n{}", o.text);
     assert!(
         o.code.is_some_and(|c| c != 0 && c != 101),
         "exit {:?}:\n{}",
@@ -150,7 +149,11 @@ const TO_K: &str = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.
 const WIDENING_CONV: &str = "model.diffusion_model.input_blocks.3.0.in_layers.2.weight";
 
 /// A copy of the tiny SD1 diffusers folder whose `part/config.json` is edited by `edit`.
-fn folder_with_config(root: &Path, part: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+fn folder_with_config(
+    root: &Path,
+    part: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> PathBuf {
     let src = fixture("sd1").join("diffusers");
     let dest = root.join(format!("model-{part}"));
     copy_dir(&src, &dest);
@@ -190,7 +193,9 @@ fn damaged_checkpoints_are_refused_naming_the_tensor() {
     };
     let cases: Vec<(PathBuf, &str, &str)> = vec![
         (
-            d("conv-1d.safetensors", |t| t.get_mut(CONV_IN).unwrap().1 = vec![16 * 4 * 9]),
+            d("conv-1d.safetensors", |t| {
+                t.get_mut(CONV_IN).unwrap().1 = vec![16 * 4 * 9]
+            }),
             CONV_IN,
             "1-dimensional",
         ),
@@ -202,7 +207,9 @@ fn damaged_checkpoints_are_refused_naming_the_tensor() {
             "0-dimensional",
         ),
         (
-            d("to-k-1d.safetensors", |t| t.get_mut(TO_K).unwrap().1 = vec![16 * 32]),
+            d("to-k-1d.safetensors", |t| {
+                t.get_mut(TO_K).unwrap().1 = vec![16 * 32]
+            }),
             TO_K,
             "1-dimensional",
         ),
@@ -231,7 +238,9 @@ fn damaged_checkpoints_are_refused_naming_the_tensor() {
             "I64",
         ),
         (
-            d("transposed.safetensors", |t| t.get_mut(WIDENING_CONV).unwrap().1 = vec![16, 24, 3, 3]),
+            d("transposed.safetensors", |t| {
+                t.get_mut(WIDENING_CONV).unwrap().1 = vec![16, 24, 3, 3]
+            }),
             WIDENING_CONV,
             "transposed",
         ),
@@ -246,18 +255,40 @@ fn damaged_checkpoints_are_refused_naming_the_tensor() {
     for (path, tensor, what) in &cases {
         let err = open_err(path);
         for needle in [s(path), tensor, what, "download it again"] {
-            assert!(err.contains(needle), "{}: `{needle}` missing: {err}", path.display());
+            assert!(
+                err.contains(needle),
+                "{}: `{needle}` missing: {err}",
+                path.display()
+            );
         }
     }
     // The same through the binary: `sample` refuses before it makes anything.
     let out = dir.path().join("out.png");
     let (path, tensor, _) = &cases[0];
-    let o = run(&["sample", "--model", s(path), "--prompt", "x", "--out", s(&out), "--steps", "1"]);
+    let o = run(&[
+        "sample",
+        "--model",
+        s(path),
+        "--prompt",
+        "x",
+        "--out",
+        s(&out),
+        "--steps",
+        "1",
+    ]);
     refused(&o, &[s(path), tensor, "download it again"]);
     assert!(!out.exists());
     let zip = dir.path().join("model.safetensors");
     std::fs::write(&zip, b"PK\x03\x04\x14\x00\x00\x00 a zip archive").unwrap();
-    let o = run(&["sample", "--model", s(&zip), "--prompt", "x", "--out", s(&out)]);
+    let o = run(&[
+        "sample",
+        "--model",
+        s(&zip),
+        "--prompt",
+        "x",
+        "--out",
+        s(&out),
+    ]);
     refused(&o, &[s(&zip), "zip archive", "unpack it"]);
 }
 
@@ -266,15 +297,27 @@ fn damaged_diffusers_configs_are_refused_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     type Edit = fn(&mut serde_json::Value);
     let cases: [(&str, &str, Edit); 7] = [
-        ("unet", "attention_head_dim", |j| j["attention_head_dim"] = 0.into()),
-        ("unet", "attention_head_dim", |j| j["attention_head_dim"] = serde_json::json!([])),
-        ("unet", "down_block_types", |j| j["down_block_types"] = serde_json::json!([])),
-        ("unet", "up_block_types", |j| j["up_block_types"] = serde_json::json!(["UpBlock2D"])),
+        ("unet", "attention_head_dim", |j| {
+            j["attention_head_dim"] = 0.into()
+        }),
+        ("unet", "attention_head_dim", |j| {
+            j["attention_head_dim"] = serde_json::json!([])
+        }),
+        ("unet", "down_block_types", |j| {
+            j["down_block_types"] = serde_json::json!([])
+        }),
+        ("unet", "up_block_types", |j| {
+            j["up_block_types"] = serde_json::json!(["UpBlock2D"])
+        }),
         ("unet", "transformer_layers_per_block", |j| {
             j["transformer_layers_per_block"] = serde_json::json!([])
         }),
-        ("vae", "scaling_factor", |j| j["scaling_factor"] = 0.0.into()),
-        ("text_encoder", "num_attention_heads", |j| j["num_attention_heads"] = 0.into()),
+        ("vae", "scaling_factor", |j| {
+            j["scaling_factor"] = 0.0.into()
+        }),
+        ("text_encoder", "num_attention_heads", |j| {
+            j["num_attention_heads"] = 0.into()
+        }),
     ];
     for (i, (part, key, edit)) in cases.into_iter().enumerate() {
         let root = dir.path().join(i.to_string());
@@ -282,7 +325,10 @@ fn damaged_diffusers_configs_are_refused_naming_the_key() {
         let err = open_err(&model);
         let config = model.join(part).join("config.json");
         for needle in [s(&config), key, "download the model folder again"] {
-            assert!(err.contains(needle), "{part} {key}: `{needle}` missing: {err}");
+            assert!(
+                err.contains(needle),
+                "{part} {key}: `{needle}` missing: {err}"
+            );
         }
     }
 }
@@ -305,7 +351,15 @@ fn what_is_not_a_regular_file_is_refused_without_reading() {
         (&zero, vec!["character device"]),
         (&broken, vec![s(&target), "fix the link"]),
     ] {
-        let o = run(&["sample", "--model", s(model), "--prompt", "x", "--out", s(&out)]);
+        let o = run(&[
+            "sample",
+            "--model",
+            s(model),
+            "--prompt",
+            "x",
+            "--out",
+            s(&out),
+        ]);
         let mut all = vec![s(model), "choose"];
         if model == &broken {
             all.pop();
@@ -319,7 +373,15 @@ fn what_is_not_a_regular_file_is_refused_without_reading() {
     let config = model.join("unet/config.json");
     std::fs::remove_file(&config).unwrap();
     mkfifo(&config);
-    let o = run(&["sample", "--model", s(&model), "--prompt", "x", "--out", s(&out)]);
+    let o = run(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt",
+        "x",
+        "--out",
+        s(&out),
+    ]);
     refused(&o, &[s(&config), "named pipe"]);
     std::fs::remove_file(&config).unwrap();
     std::fs::copy(fixture("sd1").join("diffusers/unet/config.json"), &config).unwrap();
@@ -331,19 +393,45 @@ fn what_is_not_a_regular_file_is_refused_without_reading() {
     mkfifo(&config_pipe);
     for config in [config_pipe.as_path(), Path::new("/dev/zero")] {
         let o = run(&[
-            "train", "--config", s(config), "--model", s(&model), "--dataset", s(&data), "--output",
+            "train",
+            "--config",
+            s(config),
+            "--model",
+            s(&model),
+            "--dataset",
+            s(&data),
+            "--output",
             s(&output),
         ]);
-        refused(&o, &[s(config), "not a regular file", "choose another path"]);
+        refused(
+            &o,
+            &[s(config), "not a regular file", "choose another path"],
+        );
     }
     assert!(!output.exists());
     // `--out` a device, `--latents` a pipe.
-    let o = run(&["sample", "--model", s(&model), "--prompt", "x", "--out", "/dev/null"]);
+    let o = run(&[
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt",
+        "x",
+        "--out",
+        "/dev/null",
+    ]);
     refused(&o, &["/dev/null", "character device", "file to write"]);
     let latents = root.join("latents.safetensors");
     mkfifo(&latents);
     let o = run(&[
-        "sample", "--model", s(&model), "--prompt", "x", "--out", s(&out), "--latents", s(&latents),
+        "sample",
+        "--model",
+        s(&model),
+        "--prompt",
+        "x",
+        "--out",
+        s(&out),
+        "--latents",
+        s(&latents),
     ]);
     refused(&o, &[s(&latents), "named pipe"]);
     assert!(!out.exists());
@@ -407,7 +495,11 @@ fn lora_files_with_non_finite_values_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let source = fixture("sd1").join("lora_kohya.safetensors");
     let keys: Vec<String> = read_raw(&source).keys().cloned().collect();
-    let down = keys.iter().find(|k| k.ends_with(".lora_down.weight")).unwrap().clone();
+    let down = keys
+        .iter()
+        .find(|k| k.ends_with(".lora_down.weight"))
+        .unwrap()
+        .clone();
     let alpha = keys.iter().find(|k| k.ends_with(".alpha")).unwrap().clone();
     let model = fixture("sd1").join("diffusers");
     let out = dir.path().join("out.png");
@@ -425,19 +517,45 @@ fn lora_files_with_non_finite_values_are_refused() {
     .into_iter()
     .enumerate()
     {
-        let path = damaged(&source, &dir.path().join(format!("bad{i}.safetensors")), |t| {
-            let e = t.get_mut(key).unwrap();
-            let n = e.1.iter().product::<usize>();
-            // 1e308 only exists as f64: store the tensor as f64 throughout.
-            *e = (Dtype::F64, e.1.clone(), (0..n).flat_map(|_| value.to_le_bytes()).collect());
-        });
-        let err = lora_studio::lora::load(&path, &modules).err().unwrap().to_string();
-        for needle in [s(&path), key.as_str(), "NaN or infinite", "pick another LoRA"] {
+        let path = damaged(
+            &source,
+            &dir.path().join(format!("bad{i}.safetensors")),
+            |t| {
+                let e = t.get_mut(key).unwrap();
+                let n = e.1.iter().product::<usize>();
+                // 1e308 only exists as f64: store the tensor as f64 throughout.
+                *e = (
+                    Dtype::F64,
+                    e.1.clone(),
+                    (0..n).flat_map(|_| value.to_le_bytes()).collect(),
+                );
+            },
+        );
+        let err = lora_studio::lora::load(&path, &modules)
+            .err()
+            .unwrap()
+            .to_string();
+        for needle in [
+            s(&path),
+            key.as_str(),
+            "NaN or infinite",
+            "pick another LoRA",
+        ] {
             assert!(err.contains(needle), "`{needle}` missing: {err}");
         }
         if i == 0 {
             let lora = format!("{}:1.0", s(&path));
-            let o = run(&["sample", "--model", s(&model), "--lora", &lora, "--prompt", "x", "--out", s(&out)]);
+            let o = run(&[
+                "sample",
+                "--model",
+                s(&model),
+                "--lora",
+                &lora,
+                "--prompt",
+                "x",
+                "--out",
+                s(&out),
+            ]);
             refused(&o, &[s(&path), key, "NaN"]);
             assert!(!out.exists());
         }
@@ -450,9 +568,27 @@ fn trained_state(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
     common::engine::dataset(&data, 2);
     let model = fixture("sd1").join("diffusers");
     let o = run(&[
-        "train", "--model", s(&model), "--dataset", s(&data), "--output", s(&output), "--steps", "1",
-        "--resolution", "32", "--batch-size", "2", "--rank", "2", "--set", "dataset.bucketing=false",
-        "--set", "training.recompute=false", "--set", "sampling.every_n_steps=0",
+        "train",
+        "--model",
+        s(&model),
+        "--dataset",
+        s(&data),
+        "--output",
+        s(&output),
+        "--steps",
+        "1",
+        "--resolution",
+        "32",
+        "--batch-size",
+        "2",
+        "--rank",
+        "2",
+        "--set",
+        "dataset.bucketing=false",
+        "--set",
+        "training.recompute=false",
+        "--set",
+        "sampling.every_n_steps=0",
     ]);
     assert_eq!(o.code, Some(0), "{}", o.text);
     let state = output.join("state");
@@ -516,8 +652,17 @@ fn damaged_resume_states_say_what_to_do() {
         damage();
         let before = snapshot(&output);
         let o = run(&[
-            "train", "--resume", s(&state), "--model", s(&model), "--dataset", s(&data), "--output",
-            s(&output), "--steps", "2",
+            "train",
+            "--resume",
+            s(&state),
+            "--model",
+            s(&model),
+            "--dataset",
+            s(&data),
+            "--output",
+            s(&output),
+            "--steps",
+            "2",
         ]);
         refused(&o, &[s(&file), "start a new run or pick another state"]);
         let after = snapshot(&output);
@@ -528,6 +673,12 @@ fn damaged_resume_states_say_what_to_do() {
             .collect();
         assert!(changed.is_empty(), "changed: {changed:?}\n{}", o.text);
     }
-    assert!(!output.join(".state-AbC123").exists(), "staging folder removed");
-    assert!(!output.join(".lora-studio-x1.tmp").exists(), "temporary file removed");
+    assert!(
+        !output.join(".state-AbC123").exists(),
+        "staging folder removed"
+    );
+    assert!(
+        !output.join(".lora-studio-x1.tmp").exists(),
+        "temporary file removed"
+    );
 }

@@ -626,7 +626,10 @@ fn pickles_are_refused_unread() {
     std::fs::write(&renamed, b"PK\x03\x04\x00\x00\x00\x00rest of a zip").unwrap();
     let err = open_err(&renamed);
     assert!(matches!(err, CheckpointError::Archive { .. }), "{err}");
-    assert!(err.to_string().contains("convert it to .safetensors"), "{err}");
+    assert!(
+        err.to_string().contains("convert it to .safetensors"),
+        "{err}"
+    );
 }
 
 /// Writes a safetensors file holding one small tensor per name.

@@ -1,9 +1,9 @@
 //! Reading images: decoding with EXIF rotation honoured, memory limits, and the facts validation needs.
 
+use crate::fsutil::admit;
 use image::{
     DynamicImage, ExtendedColorType, ImageDecoder, ImageReader, Limits, metadata::Orientation,
 };
-use crate::fsutil::admit;
 use serde::Serialize;
 use std::io::Cursor;
 use std::path::Path;

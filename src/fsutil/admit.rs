@@ -191,7 +191,10 @@ mod tests {
     fn refuses_what_is_not_a_plain_file() {
         let dir = tempfile::tempdir().unwrap();
         let err = read_bounded(dir.path(), CAPTION).unwrap_err().to_string();
-        assert!(err.contains("a folder") && err.contains("choose another path"), "{err}");
+        assert!(
+            err.contains("a folder") && err.contains("choose another path"),
+            "{err}"
+        );
         let missing = dir.path().join("none.txt");
         assert_eq!(
             read_bounded(&missing, CAPTION).unwrap_err().kind(),
@@ -210,7 +213,10 @@ mod tests {
             let link = dir.path().join("link.txt");
             std::os::unix::fs::symlink(&missing, &link).unwrap();
             let err = read_bounded(&link, CAPTION).unwrap_err().to_string();
-            assert!(err.contains("none.txt") && err.contains("fix the link"), "{err}");
+            assert!(
+                err.contains("none.txt") && err.contains("fix the link"),
+                "{err}"
+            );
             let err = read_bounded(Path::new("/dev/zero"), CAPTION).unwrap_err();
             assert!(err.to_string().contains("character device"), "{err}");
             assert!(writable_target(Path::new("/dev/null")).is_err());

@@ -60,10 +60,13 @@ pub fn load(
     path: &Path,
     module_paths: &BTreeSet<String>,
 ) -> Result<(LoraSet, LoadReport), LoraError> {
-    let bytes = crate::fsutil::admit::read_bounded(path, crate::fsutil::admit::LORA).map_err(|source| LoraError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
+    let bytes =
+        crate::fsutil::admit::read_bounded(path, crate::fsutil::admit::LORA).map_err(|source| {
+            LoraError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
     let in_file = |message: String| {
         LoraError::Invalid(format!(
             "{}: {message}. The LoRA file is damaged or not one lora-studio reads: download or export it \

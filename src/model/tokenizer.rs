@@ -236,7 +236,10 @@ mod tests {
         let start = std::time::Instant::now();
         let huge = tok.tokenize(&"x".repeat(10 << 20), 1);
         assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
-        assert_eq!(huge.ids[..76], tok.tokenize(&"x".repeat(MAX_WORD_CHARS), 1).ids[..76]);
+        assert_eq!(
+            huge.ids[..76],
+            tok.tokenize(&"x".repeat(MAX_WORD_CHARS), 1).ids[..76]
+        );
         assert_eq!(usable_prefix("a b", 10), "a b");
     }
 }

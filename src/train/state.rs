@@ -137,7 +137,8 @@ fn read_state(dir: &Path) -> candle_core::Result<StateFile> {
 
 /// The tensors of one state file, each checked to be finite.
 fn read_tensors(path: &Path) -> candle_core::Result<HashMap<String, Tensor>> {
-    let damaged = |e: &dyn std::fmt::Display| msg(format!("{} is damaged ({e}); {DAMAGED}", path.display()));
+    let damaged =
+        |e: &dyn std::fmt::Display| msg(format!("{} is damaged ({e}); {DAMAGED}", path.display()));
     admit::regular_file(path, admit::SAFETENSORS).map_err(|e| damaged(&e))?;
     let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| damaged(&e))?;
     for (name, t) in &tensors {

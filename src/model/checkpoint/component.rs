@@ -88,7 +88,12 @@ impl ComponentWeights {
     /// Each diffusers name with its stored key, header entry and transform (for validation).
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str, &TensorMeta, Transform)> {
         self.names.iter().filter_map(|(name, s)| {
-            Some((name.as_str(), s.key.as_str(), self.file.meta(&s.key)?, s.transform))
+            Some((
+                name.as_str(),
+                s.key.as_str(),
+                self.file.meta(&s.key)?,
+                s.transform,
+            ))
         })
     }
 

@@ -4,12 +4,12 @@
 //! download gets a message that says what is wrong with it, not "MetadataIncompleteBuffer".
 
 use super::CheckpointError;
+use crate::fsutil::admit;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
 use std::collections::HashMap;
-use crate::fsutil::admit;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,9 @@
 
 use super::component::ComponentWeights;
 use super::file::SafetensorsFile;
-use super::{CheckpointError, Family, Layout, ModelFiles, Prediction, UNetConfig, ldm_keys, validate};
+use super::{
+    CheckpointError, Family, Layout, ModelFiles, Prediction, UNetConfig, ldm_keys, validate,
+};
 use crate::fsutil::admit;
 use crate::model::text_encoder::{Activation, ClipTextConfig};
 use crate::model::vae::VaeConfig;
@@ -45,7 +47,11 @@ pub fn open(dir: &Path) -> Result<ModelFiles, CheckpointError> {
     let vae = ComponentWeights::new(vae.clone(), ldm_keys::diffusers_vae(&vae, ""));
     let text_encoder =
         ComponentWeights::new(text_encoder.clone(), ldm_keys::hf_clip(&text_encoder, ""));
-    for (part, weights) in [("unet", &unet), ("vae", &vae), ("text_encoder", &text_encoder)] {
+    for (part, weights) in [
+        ("unet", &unet),
+        ("vae", &vae),
+        ("text_encoder", &text_encoder),
+    ] {
         validate::check_tensors(&dir.join(part), weights)?;
     }
     ModelFiles {

@@ -120,7 +120,9 @@ impl UNetConfig {
         let heads = match family {
             Family::Sd1 => PerBlock::One(8),
             // At least one head: a model narrower than 64 channels is not standard (it is given its config).
-            Family::Sd2 => PerBlock::Each(block_out_channels.iter().map(|c| (c / 64).max(1)).collect()),
+            Family::Sd2 => {
+                PerBlock::Each(block_out_channels.iter().map(|c| (c / 64).max(1)).collect())
+            }
         };
         Ok(UNetConfig {
             in_channels: shape("conv_in.weight")?[1],

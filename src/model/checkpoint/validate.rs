@@ -30,7 +30,10 @@ pub fn check_tensors(path: &Path, w: &ComponentWeights) -> Result<(), Checkpoint
     let mut entries: Vec<_> = w.entries().collect();
     entries.sort_by(|a, b| a.0.cmp(b.0));
     for &(name, key, meta, transform) in &entries {
-        if !matches!(meta.dtype, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64) {
+        if !matches!(
+            meta.dtype,
+            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
+        ) {
             return Err(bad(
                 key,
                 format!(
@@ -109,10 +112,23 @@ fn expected_rank(name: &str) -> Option<&'static [usize]> {
         return Some(&[2, 4]);
     }
     let linear = [
-        "to_q", "to_k", "to_v", "q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "proj",
-        "linear_1", "linear_2", "time_emb_proj",
+        "to_q",
+        "to_k",
+        "to_v",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "fc1",
+        "fc2",
+        "proj",
+        "linear_1",
+        "linear_2",
+        "time_emb_proj",
     ];
-    if linear.contains(&last) || name.ends_with("to_out.0.weight") || name.ends_with("ff.net.2.weight")
+    if linear.contains(&last)
+        || name.ends_with("to_out.0.weight")
+        || name.ends_with("ff.net.2.weight")
     {
         return Some(&[2]);
     }
@@ -132,7 +148,13 @@ fn is_conv(name: &str) -> bool {
     name.ends_with(".weight")
         && matches!(
             last,
-            "conv_in" | "conv_out" | "conv1" | "conv2" | "conv_shortcut" | "conv" | "quant_conv"
+            "conv_in"
+                | "conv_out"
+                | "conv1"
+                | "conv2"
+                | "conv_shortcut"
+                | "conv"
+                | "quant_conv"
                 | "post_quant_conv"
         )
 }
@@ -189,21 +211,38 @@ pub fn check_unet_config(path: &Path, c: &UNetConfig) -> Result<(), CheckpointEr
     if levels == 0 || c.block_out_channels.contains(&0) {
         return Err(bad(
             "block_out_channels",
-            format!("is {:?}; it needs one channel count above 0 per level", c.block_out_channels),
+            format!(
+                "is {:?}; it needs one channel count above 0 per level",
+                c.block_out_channels
+            ),
         ));
     }
     for (key, list, known) in [
-        ("down_block_types", &c.down_block_types, ["CrossAttnDownBlock2D", "DownBlock2D"]),
-        ("up_block_types", &c.up_block_types, ["CrossAttnUpBlock2D", "UpBlock2D"]),
+        (
+            "down_block_types",
+            &c.down_block_types,
+            ["CrossAttnDownBlock2D", "DownBlock2D"],
+        ),
+        (
+            "up_block_types",
+            &c.up_block_types,
+            ["CrossAttnUpBlock2D", "UpBlock2D"],
+        ),
     ] {
         if list.len() != levels {
             return Err(bad(
                 key,
-                format!("lists {} block types for {levels} levels (`block_out_channels`)", list.len()),
+                format!(
+                    "lists {} block types for {levels} levels (`block_out_channels`)",
+                    list.len()
+                ),
             ));
         }
         if let Some(other) = list.iter().find(|t| !known.contains(&t.as_str())) {
-            return Err(bad(key, format!("has `{other}`; SD 1.x/2.x UNets use {known:?}")));
+            return Err(bad(
+                key,
+                format!("has `{other}`; SD 1.x/2.x UNets use {known:?}"),
+            ));
         }
     }
     for (key, value) in [
@@ -219,7 +258,10 @@ pub fn check_unet_config(path: &Path, c: &UNetConfig) -> Result<(), CheckpointEr
         }
     }
     if !(c.norm_eps.is_finite() && c.norm_eps > 0.0) {
-        return Err(bad("norm_eps", format!("is {}; it must be a small positive number", c.norm_eps)));
+        return Err(bad(
+            "norm_eps",
+            format!("is {}; it must be a small positive number", c.norm_eps),
+        ));
     }
     let per_block = |key: &str, v: &PerBlock| match v {
         PerBlock::One(0) => Err(bad(key, "is 0".into())),
@@ -229,7 +271,10 @@ pub fn check_unet_config(path: &Path, c: &UNetConfig) -> Result<(), CheckpointEr
         )),
         _ => Ok(()),
     };
-    per_block("transformer_layers_per_block", &c.transformer_layers_per_block)?;
+    per_block(
+        "transformer_layers_per_block",
+        &c.transformer_layers_per_block,
+    )?;
     let heads_key = match &c.num_attention_heads {
         Some(h) => {
             per_block("num_attention_heads", h)?;
@@ -245,7 +290,9 @@ pub fn check_unet_config(path: &Path, c: &UNetConfig) -> Result<(), CheckpointEr
         if !channels.is_multiple_of(heads) {
             return Err(bad(
                 heads_key,
-                format!("gives level {level} {heads} heads, which do not divide its {channels} channels"),
+                format!(
+                    "gives level {level} {heads} heads, which do not divide its {channels} channels"
+                ),
             ));
         }
     }
@@ -268,7 +315,10 @@ pub fn check_vae_config(path: &Path, c: &VaeConfig) -> Result<(), CheckpointErro
     if c.block_out_channels.is_empty() || c.block_out_channels.contains(&0) {
         return Err(bad(
             "block_out_channels",
-            format!("is {:?}; it needs one channel count above 0 per level", c.block_out_channels),
+            format!(
+                "is {:?}; it needs one channel count above 0 per level",
+                c.block_out_channels
+            ),
         ));
     }
     for (key, value) in [
@@ -307,11 +357,20 @@ pub fn check_text_config(path: &Path, c: &ClipTextConfig) -> Result<(), Checkpoi
     if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
         return Err(bad(
             "num_attention_heads",
-            format!("is {}, which does not divide `hidden_size` {}", c.num_attention_heads, c.hidden_size),
+            format!(
+                "is {}, which does not divide `hidden_size` {}",
+                c.num_attention_heads, c.hidden_size
+            ),
         ));
     }
     if !(c.layer_norm_eps.is_finite() && c.layer_norm_eps > 0.0) {
-        return Err(bad("layer_norm_eps", format!("is {}; it must be a small positive number", c.layer_norm_eps)));
+        return Err(bad(
+            "layer_norm_eps",
+            format!(
+                "is {}; it must be a small positive number",
+                c.layer_norm_eps
+            ),
+        ));
     }
     Ok(())
 }
