@@ -143,12 +143,12 @@ impl Weights for RandomWeights {
     }
 }
 
-/// Whether every value is finite: `t - t` is 0 for finite values and NaN for NaN and ±inf, and one NaN makes the
+/// Whether every value is finite: `0 · t` is 0 for finite values and NaN for NaN and ±inf, and one NaN makes the
 /// sum NaN. (Values beyond f32's range, like 1e308 in an f64 file, become infinite on the way and count as not
 /// finite.)
 pub fn all_finite(t: &Tensor) -> Result<bool> {
     let t = t.to_dtype(DType::F32)?;
-    let zero = (&t - &t)?.sum_all()?.to_scalar::<f32>()?;
+    let zero = t.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()?;
     Ok(zero.is_finite())
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 pub fn open(dir: &Path) -> Result<ModelFiles, CheckpointError> {
     let index = dir.join("model_index.json");
-    if !index.is_file() {
+    if !present(&index) {
         return Err(CheckpointError::NotDiffusers {
             path: dir.to_path_buf(),
             detail: "it has no model_index.json".into(),
@@ -122,11 +122,11 @@ fn scheduler_prediction(dir: &Path) -> Result<(Prediction, String), CheckpointEr
 pub fn component_file(dir: &Path, stem: &str) -> Result<SafetensorsFile, CheckpointError> {
     for variant in ["", ".fp16"] {
         let whole = dir.join(format!("{stem}{variant}.safetensors"));
-        if whole.is_file() {
+        if present(&whole) {
             return SafetensorsFile::open(&whole);
         }
         let index = dir.join(format!("{stem}{variant}.safetensors.index.json"));
-        if index.is_file() {
+        if present(&index) {
             return SafetensorsFile::open_shards(&shards(&index)?);
         }
     }
@@ -166,6 +166,11 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
     }
     let dir = index.parent().unwrap_or(Path::new("."));
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Something is at `path` (a file, or a pipe or broken link that reading then refuses with its reason).
+fn present(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {

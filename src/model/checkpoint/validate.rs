@@ -168,13 +168,13 @@ fn check_resnet(w: &ComponentWeights, prefix: &str) -> Result<(), String> {
     };
     let (cout, cin) = (conv1[0], conv1[1]);
     let mut wants = vec![("norm1", vec![cin]), ("norm2", vec![cout])];
-    if let Some(conv2) = shape("conv2") {
-        if conv2[..2] != [cout, cout] {
-            return Err(format!(
-                "`{prefix}.conv2.weight` has shape {conv2:?}, but conv1 makes {cout} channels, so it must start \
+    if let Some(conv2) = shape("conv2")
+        && conv2[..2] != [cout, cout]
+    {
+        return Err(format!(
+            "`{prefix}.conv2.weight` has shape {conv2:?}, but conv1 makes {cout} channels, so it must start \
                  [{cout}, {cout}, …] (is it transposed?)"
-            ));
-        }
+        ));
     }
     match shape("conv_shortcut") {
         Some(_) => wants.push(("conv_shortcut", vec![cout, cin, 1, 1])),
