@@ -1,17 +1,25 @@
-//! File-system helpers shared by every part that writes user data.
+//! File-system helpers shared by every part that reads or writes user data.
+
+pub mod admit;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Names of the temporary files [`write_atomic`] makes and the staging folders of a training-state save.
+const TEMP_FILE_PREFIX: &str = ".lora-studio-";
+pub const STATE_STAGING_PREFIX: &str = ".state-";
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder is written, flushed to disk and
 /// renamed over the target, so a crash leaves either the old file or the new one, never half of one.
+/// A path that exists and is not a regular file (a device, a pipe, a folder) is refused.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    admit::writable_target(path)?;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
-        .prefix(".lora-studio-")
+        .prefix(TEMP_FILE_PREFIX)
         .suffix(".tmp")
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
@@ -25,6 +33,37 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     }
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
+}
+
+/// Removes what an interrupted save left in `dir` (temporary files of [`write_atomic`], staging folders of a
+/// training-state save) and returns their paths. Called when a run starts in its output folder: nothing of ours
+/// writes there then, and a save that was cut off cannot be completed, only redone.
+pub fn remove_stale_temps(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        let path = entry.path();
+        let gone = if kind.is_file() && name.starts_with(TEMP_FILE_PREFIX) && name.ends_with(".tmp")
+        {
+            std::fs::remove_file(&path).is_ok()
+        } else if kind.is_dir() && name.starts_with(STATE_STAGING_PREFIX) {
+            std::fs::remove_dir_all(&path).is_ok()
+        } else {
+            false
+        };
+        if gone {
+            removed.push(path);
+        }
+    }
+    removed.sort();
+    removed
 }
 
 #[cfg(unix)]
@@ -54,6 +93,12 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("a.txt")]);
+        std::fs::write(dir.path().join(".lora-studio-x.tmp"), b"half").unwrap();
+        std::fs::create_dir(dir.path().join(".state-abc")).unwrap();
+        std::fs::write(dir.path().join(".state-abc/adapters.safetensors"), b"").unwrap();
+        assert_eq!(remove_stale_temps(dir.path()).len(), 2);
+        assert!(dir.path().join("a.txt").is_file(), "user files stay");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -621,10 +621,15 @@ fn pickles_are_refused_unread() {
             "{err}"
         );
     }
-    // A zip-format pickle renamed to .safetensors is recognised by its first bytes.
+    // A zip (a torch.save pickle or a packed folder) renamed to .safetensors is recognised by its first bytes.
     let renamed = dir.path().join("renamed.safetensors");
     std::fs::write(&renamed, b"PK\x03\x04\x00\x00\x00\x00rest of a zip").unwrap();
-    assert!(matches!(open_err(&renamed), CheckpointError::Pickle { .. }));
+    let err = open_err(&renamed);
+    assert!(matches!(err, CheckpointError::Archive { .. }), "{err}");
+    assert!(
+        err.to_string().contains("convert it to .safetensors"),
+        "{err}"
+    );
 }
 
 /// Writes a safetensors file holding one small tensor per name.

@@ -58,6 +58,8 @@ fn parse_lora(s: &str) -> Result<(PathBuf, f64), String> {
 }
 
 pub fn run(a: &SampleArgs) -> Result<ExitCode, String> {
+    crate::fsutil::admit::writable_target(&a.out)
+        .map_err(|e| format!("cannot write {} (--out): {e}", a.out.display()))?;
     let (device, warning) = crate::device::best();
     if let Some(w) = warning {
         eprintln!("warning: {w}");
@@ -91,12 +93,7 @@ pub fn run(a: &SampleArgs) -> Result<ExitCode, String> {
         ));
     }
     let latents = match &a.latents {
-        Some(path) => Some(
-            candle_core::safetensors::load(path, &device)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                .remove("latents")
-                .ok_or_else(|| format!("{} has no tensor named `latents`", path.display()))?,
-        ),
+        Some(path) => Some(crate::sample::pipeline::read_latents(path, &device)?),
         None => None,
     };
     let req = Request {

@@ -127,7 +127,7 @@ impl TrainArgs {
             layers.push((format!("preset {}", preset.name), preset.layer));
         }
         if let Some(path) = &self.config {
-            let text = std::fs::read_to_string(path)
+            let text = crate::fsutil::admit::read_text(path, crate::fsutil::admit::TOML)
                 .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             layers.push((path.display().to_string(), text));
         }

@@ -57,7 +57,7 @@ impl Caption {
 
     /// Reads a caption file. A missing file is not an error: it is a caption with status `Missing`.
     pub fn load(path: &Path) -> Self {
-        match std::fs::read(path) {
+        match crate::fsutil::admit::read_bounded(path, crate::fsutil::admit::CAPTION) {
             Ok(bytes) => Self::from_bytes(&bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::missing(),
             Err(e) => Caption {

@@ -1,5 +1,6 @@
 //! Reading images: decoding with EXIF rotation honoured, memory limits, and the facts validation needs.
 
+use crate::fsutil::admit;
 use image::{
     DynamicImage, ExtendedColorType, ImageDecoder, ImageReader, Limits, metadata::Orientation,
 };
@@ -9,6 +10,9 @@ use std::path::Path;
 
 /// The largest decoded image we accept (bytes). A 12000×12000 RGBA photo is 576 MB and still opens.
 const MAX_DECODED_BYTES: u64 = 2 << 30;
+/// The longest side we decode. Checked from the header before any pixel buffer exists: not every decoder
+/// reserves `max_alloc` before allocating, and a 1 KB JPEG may declare 65500×65500.
+const MAX_SIDE: u32 = 16384;
 
 /// The pixel layout an image file stores, as far as training cares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -57,11 +61,13 @@ pub struct ImageError(pub String);
 fn limits() -> Limits {
     let mut l = Limits::default();
     l.max_alloc = Some(MAX_DECODED_BYTES);
+    l.max_image_width = Some(MAX_SIDE);
+    l.max_image_height = Some(MAX_SIDE);
     l
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, ImageError> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+    let bytes = admit::read_bounded(path, admit::IMAGE).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => {
             ImageError("permission denied: the file cannot be read".into())
         }
@@ -96,7 +102,8 @@ fn describe(e: image::ImageError) -> ImageError {
     use image::ImageError as E;
     ImageError(match e {
         E::Limits(_) => format!(
-            "the image is too large to decode (more than {} MB of pixels); resize it below about 8000×8000",
+            "the image is too large to decode (a side above {MAX_SIDE} px or more than {} MB of pixels); \
+             resize it below about 8000×8000",
             MAX_DECODED_BYTES >> 20
         ),
         E::Unsupported(u) => format!("unsupported image: {u}"),
@@ -107,9 +114,11 @@ fn describe(e: image::ImageError) -> ImageError {
 
 /// Width and height as training sees them (EXIF rotation applied), read from the header without decoding.
 pub fn dimensions(path: &Path) -> Result<(u32, u32), ImageError> {
-    let reader = ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
+    let reader = admit::open_regular(path, admit::IMAGE)
+        .and_then(|f| ImageReader::new(std::io::BufReader::new(f)).with_guessed_format())
         .map_err(|e| ImageError(format!("cannot read the file: {e}")))?;
+    let mut reader = reader;
+    reader.limits(limits());
     let mut decoder = reader.into_decoder().map_err(describe)?;
     let (w, h) = decoder.dimensions();
     let swapped = matches!(

@@ -37,7 +37,7 @@ impl ProjectFile {
     /// Reads the project file of `root`; a folder without one gets the defaults.
     pub fn load(root: &Path) -> Result<Self, String> {
         let path = root.join(PROJECT_FILE);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match crate::fsutil::admit::read_text(&path, crate::fsutil::admit::TOML) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),

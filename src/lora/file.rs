@@ -4,6 +4,7 @@
 use super::names::{KohyaIndex, kohya_name};
 use super::{LoraError, LoraMetadata, LoraModule, LoraSet};
 use crate::fsutil::write_atomic;
+use crate::model::weights::all_finite;
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use safetensors::SafeTensors;
@@ -59,11 +60,20 @@ pub fn load(
     path: &Path,
     module_paths: &BTreeSet<String>,
 ) -> Result<(LoraSet, LoadReport), LoraError> {
-    let bytes = std::fs::read(path).map_err(|source| LoraError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    let in_file = |message: String| LoraError::Invalid(format!("{}: {message}", path.display()));
+    let bytes =
+        crate::fsutil::admit::read_bounded(path, crate::fsutil::admit::LORA).map_err(|source| {
+            LoraError::Read {
+                path: path.to_owned(),
+                source,
+            }
+        })?;
+    let in_file = |message: String| {
+        LoraError::Invalid(format!(
+            "{}: {message}. The LoRA file is damaged or not one lora-studio reads: download or export it \
+             again, or pick another LoRA.",
+            path.display()
+        ))
+    };
     let not_safetensors =
         |e: safetensors::SafeTensorError| in_file(format!("not a safetensors file ({e})"));
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(not_safetensors)?;
@@ -100,6 +110,11 @@ fn group_by_module(
         let tensor = view
             .load(&Device::Cpu)
             .map_err(|e| format!("`{key}`: {e}"))?;
+        if !all_finite(&tensor).map_err(|e| format!("`{key}`: {e}"))? {
+            return Err(format!(
+                "`{key}` holds NaN or infinite values (or values too large for a weight)"
+            ));
+        }
         let entry = found.entry(module.clone()).or_default();
         let slot = match part {
             Part::Down => &mut entry.down,

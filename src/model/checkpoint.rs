@@ -9,6 +9,7 @@ mod file;
 mod folder;
 mod ldm_keys;
 mod unet_config;
+mod validate;
 
 pub use unet_config::{PerBlock, UNetConfig};
 
@@ -68,6 +69,13 @@ pub enum CheckpointError {
         path.display()
     )]
     Pickle { path: PathBuf, kind: &'static str },
+    #[error(
+        "{} is a zip archive, not a safetensors file. If it is a PyTorch checkpoint (saved by torch.save), convert \
+         it to .safetensors (ComfyUI's or A1111's converter); if it holds a model folder, unpack it and open the \
+         folder.",
+        path.display()
+    )]
+    Archive { path: PathBuf },
     #[error("{} is damaged: {detail}. Download it again; an interrupted download leaves a file like this.", path.display())]
     Corrupt { path: PathBuf, detail: String },
     #[error("{} is not a safetensors file: {detail}.", path.display())]
@@ -98,6 +106,21 @@ pub enum CheckpointError {
     BadConfig { path: PathBuf, detail: String },
     #[error("{} cannot be this model's VAE: {detail}.", path.display())]
     NotVae { path: PathBuf, detail: String },
+    #[error("{}: tensor `{tensor}` {detail}.", path.display())]
+    BadTensor {
+        path: PathBuf,
+        tensor: String,
+        detail: String,
+    },
+    #[error(
+        "{}: `{key}` {detail}. Fix that value in the file, or download the model folder again.",
+        path.display()
+    )]
+    BadConfigKey {
+        path: PathBuf,
+        key: String,
+        detail: String,
+    },
 }
 
 /// A base model opened for use: its family, how it predicts, the architecture of each network and a
@@ -328,15 +351,21 @@ fn open_single(path: &Path) -> Result<ModelFiles, CheckpointError> {
     let unet = ComponentWeights::new(file.clone(), ldm_keys::unet(&file));
     let vae = ComponentWeights::new(file.clone(), ldm_keys::ldm_vae(&file, ldm_keys::VAE_PREFIX));
     let text_encoder = ComponentWeights::new(file.clone(), text_names);
+    for part in [&unet, &vae, &text_encoder] {
+        validate::check_tensors(&path, part)?;
+    }
     let invalid = |detail: String| CheckpointError::NotStableDiffusion {
         path: path.clone(),
         detail,
     };
     let mut unet_config = UNetConfig::from_weights(&unet, family).map_err(invalid)?;
+    validate::check_unet_config(&path, &unet_config)?;
     let vae_config =
         VaeConfig::from_weights(&vae, SD_NORM_GROUPS, default_scaling()).map_err(invalid)?;
+    validate::check_vae_config(&path, &vae_config)?;
     let text_encoder_config =
         ClipTextConfig::from_weights(&text_encoder, family).map_err(invalid)?;
+    validate::check_text_config(&path, &text_encoder_config)?;
     let (prediction, prediction_reason) =
         detect::single_file_prediction(file.metadata(), family, &unet, &unet_config);
     // SD 2.x v models were trained at 768 px (96 latent pixels), everything else at 512 px.
@@ -403,6 +432,7 @@ fn open_vae(path: &Path) -> Result<ComponentWeights, CheckpointError> {
         ldm_keys::ldm_vae(&file, prefix)
     };
     let vae = ComponentWeights::new(file, table);
+    validate::check_tensors(path, &vae)?;
     if !(vae.contains("encoder.conv_in.weight") && vae.contains("decoder.conv_out.weight")) {
         return Err(CheckpointError::NotVae {
             path: path.to_path_buf(),

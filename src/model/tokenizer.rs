@@ -7,6 +7,7 @@
 //! transformers' `CLIPTokenizer` with `padding="max_length"`). Chunks past `max_chunks` are dropped and
 //! reported in [`Tokens::dropped`] so the caller can warn.
 
+use crate::fsutil::admit;
 use crate::model::checkpoint::Family;
 use candle_core::{Device, Tensor};
 use instant_clip_tokenizer::{Token, Tokenizer};
@@ -19,6 +20,10 @@ use std::sync::{Arc, OnceLock};
 pub const WINDOW: usize = 77;
 /// Prompt tokens per window.
 pub const CHUNK: usize = WINDOW - 2;
+/// More characters than any token of the vocabulary covers (its longest entries are about 20).
+const MAX_TOKEN_CHARS: usize = 64;
+/// Longer runs without whitespace are cut here before BPE, whose cost grows with the square of a word's length.
+const MAX_WORD_CHARS: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -75,7 +80,7 @@ impl ClipTokenizer {
             path: vocab.to_path_buf(),
             detail,
         };
-        let text = std::fs::read_to_string(vocab).map_err(|e| io(vocab, e))?;
+        let text = admit::read_text(vocab, admit::JSON).map_err(|e| io(vocab, e))?;
         let table: HashMap<String, u32> =
             serde_json::from_str(&text).map_err(|e| not_clip(e.to_string()))?;
         // 256 byte characters, the same with `</w>`, and the two special tokens come before any merge.
@@ -88,7 +93,7 @@ impl ClipTokenizer {
                     table.len()
                 ))
             })?;
-        let file = std::fs::File::open(merges).map_err(|e| io(merges, e))?;
+        let file = admit::open_regular(merges, admit::JSON).map_err(|e| io(merges, e))?;
         let bpe = Tokenizer::with_vocabulary(BufReader::new(file), size).map_err(|e| {
             TokenizerError::NotClip {
                 path: merges.to_path_buf(),
@@ -131,8 +136,9 @@ impl ClipTokenizer {
 
     /// The prompt in windows of 77 (at least one, at most `max_chunks`).
     pub fn tokenize(&self, text: &str, max_chunks: usize) -> Tokens {
-        let tokens = self.encode(text);
-        let kept = tokens.len().min(max_chunks.max(1) * CHUNK);
+        let wanted = max_chunks.max(1) * CHUNK;
+        let tokens = self.encode(&usable_prefix(text, wanted));
+        let kept = tokens.len().min(wanted);
         let mut ids = Vec::new();
         for chunk in tokens[..kept].chunks(CHUNK) {
             ids.extend(self.window(chunk));
@@ -175,5 +181,65 @@ impl ClipTokenizer {
         ids.push(self.eos());
         ids.resize(WINDOW, self.pad);
         ids
+    }
+}
+
+/// The part of `text` that can give its first `tokens` tokens, found in one pass: every token covers at most
+/// [`MAX_TOKEN_CHARS`] characters, so text is cut at the first whitespace after `tokens` times that many
+/// characters (a whole word is kept: BPE merges depend on all of it), and runs without whitespace longer than
+/// [`MAX_WORD_CHARS`] are cut short (a 10 MB one-word caption would otherwise take minutes). Whatever is cut is
+/// past what the text encoder reads.
+fn usable_prefix(text: &str, tokens: usize) -> std::borrow::Cow<'_, str> {
+    let budget = tokens.saturating_mul(MAX_TOKEN_CHARS);
+    let (mut seen, mut run) = (0usize, 0usize);
+    let mut out: Option<String> = None;
+    for (i, c) in text.char_indices() {
+        if c.is_whitespace() {
+            if seen > budget {
+                let kept = out.unwrap_or_else(|| text[..i].to_owned());
+                return kept.into();
+            }
+            run = 0;
+        } else {
+            run += 1;
+            seen += 1;
+            if run > MAX_WORD_CHARS {
+                // Start copying at the first dropped character; skip the rest of the run.
+                out.get_or_insert_with(|| text[..i].to_owned());
+                continue;
+            }
+        }
+        if let Some(out) = &mut out {
+            out.push(c);
+        }
+    }
+    match out {
+        Some(s) => s.into(),
+        None => text.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_text_is_cut_before_bpe_without_changing_what_is_kept() {
+        let tok = ClipTokenizer::bundled(Family::Sd1);
+        let words = "a photo of a cat sitting on a red chair, ".repeat(400);
+        let full = tok.encode(&words);
+        let cut = tok.tokenize(&words, 3);
+        assert_eq!(cut.ids.len(), 3 * WINDOW);
+        assert_eq!(cut.ids[1..76], full[..75]);
+        assert!(cut.dropped > 0);
+        // A 10 MB word: linear time, and the window holds what a short version of it gives.
+        let start = std::time::Instant::now();
+        let huge = tok.tokenize(&"x".repeat(10 << 20), 1);
+        assert!(start.elapsed().as_secs() < 5, "{:?}", start.elapsed());
+        assert_eq!(
+            huge.ids[..76],
+            tok.tokenize(&"x".repeat(MAX_WORD_CHARS), 1).ids[..76]
+        );
+        assert_eq!(usable_prefix("a b", 10), "a b");
     }
 }

@@ -143,6 +143,15 @@ impl Weights for RandomWeights {
     }
 }
 
+/// Whether every value is finite: `0 · t` is 0 for finite values and NaN for NaN and ±inf, and one NaN makes the
+/// sum NaN. (Values beyond f32's range, like 1e308 in an f64 file, become infinite on the way and count as not
+/// finite.)
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let t = t.to_dtype(DType::F32)?;
+    let zero = t.affine(0.0, 0.0)?.sum_all()?.to_scalar::<f32>()?;
+    Ok(zero.is_finite())
+}
+
 /// The error for a tensor a network needs but the file lacks.
 pub fn missing(name: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!(
@@ -205,5 +214,10 @@ mod tests {
             .unwrap();
         assert_eq!(v, [1.5, 1.0]);
         assert!(merged.get("b.weight", DType::F32, &Device::Cpu).is_err());
+        assert!(all_finite(&Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap()).unwrap());
+        for bad in [f64::NAN, f64::INFINITY, -1e308] {
+            let t = Tensor::new(&[1f64, bad], &Device::Cpu).unwrap();
+            assert!(!all_finite(&t).unwrap(), "{bad}");
+        }
     }
 }

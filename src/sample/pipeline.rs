@@ -157,6 +157,13 @@ impl Pipeline {
             req.width / f,
         );
         let noise = match &req.latents {
+            Some(l) if l.dims() != [shape.0, shape.1, shape.2, shape.3] => candle_core::bail!(
+                "the latents have shape {:?}, but a {}×{} image of this model needs {shape:?}: set --width and \
+                 --height to the size they were made for",
+                l.dims(),
+                req.width,
+                req.height
+            ),
             Some(l) => l.to_device(&self.device)?.to_dtype(DType::F32)?,
             None => initial_noise(req.seed, shape, &self.device)?,
         };
@@ -231,7 +238,7 @@ fn folder_tokenizer(model: &Path) -> Option<Result<ClipTokenizer, String>> {
     }
     Some((|| {
         let read_json = |p: PathBuf| -> Result<serde_json::Value, String> {
-            let text = std::fs::read_to_string(&p)
+            let text = crate::fsutil::admit::read_text(&p, crate::fsutil::admit::JSON)
                 .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
             serde_json::from_str(&text)
                 .map_err(|e| format!("{} is not valid JSON: {e}", p.display()))
@@ -252,4 +259,24 @@ fn folder_tokenizer(model: &Path) -> Option<Result<ClipTokenizer, String>> {
             .ok_or_else(|| format!("the pad token {pad_token} is not in {}", vocab.display()))?;
         ClipTokenizer::from_files(&vocab, &merges, pad as u32).map_err(err)
     })())
+}
+
+/// The tensor `latents` of a safetensors file (`sample --latents`), checked to be finite.
+pub fn read_latents(path: &Path, device: &candle_core::Device) -> Result<Tensor, String> {
+    use crate::fsutil::admit;
+    let cannot = |e: &dyn std::fmt::Display| {
+        format!(
+            "cannot read {} (--latents): {e}; give a .safetensors file with one tensor named `latents`",
+            path.display()
+        )
+    };
+    admit::regular_file(path, admit::SAFETENSORS).map_err(|e| cannot(&e))?;
+    let latents = candle_core::safetensors::load(path, device)
+        .map_err(|e| cannot(&e))?
+        .remove("latents")
+        .ok_or_else(|| cannot(&"it has no tensor named `latents`"))?;
+    if !crate::model::weights::all_finite(&latents).map_err(|e| cannot(&e))? {
+        return Err(cannot(&"`latents` holds NaN or infinite values"));
+    }
+    Ok(latents)
 }

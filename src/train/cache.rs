@@ -48,7 +48,14 @@ impl LatentCache {
                 return None;
             }
         };
-        Some((t.remove("mean")?, t.remove("logvar")?))
+        let (mean, logvar) = (t.remove("mean")?, t.remove("logvar")?);
+        // A damaged entry (NaN from a bad VAE run, or edited by hand) is encoded again rather than trained on.
+        let finite = |t: &Tensor| crate::model::weights::all_finite(t).unwrap_or(false);
+        if !(finite(&mean) && finite(&logvar)) {
+            let _ = std::fs::remove_file(&path);
+            return None;
+        }
+        Some((mean, logvar))
     }
 
     /// Stores a posterior (in f32), atomically.
@@ -120,6 +127,13 @@ mod tests {
         std::fs::write(cache.path(&key), b"damaged").unwrap();
         assert!(cache.get(&key, &Device::Cpu).is_none());
         assert!(!cache.path(&key).exists(), "a damaged entry is removed");
+        let nan = Tensor::new(&[[f32::NAN, 2.0]], &Device::Cpu).unwrap();
+        cache.put(&key, &nan, &logvar).unwrap();
+        assert!(
+            cache.get(&key, &Device::Cpu).is_none(),
+            "NaN latents are encoded again"
+        );
+        assert!(!cache.path(&key).exists());
     }
 
     #[test]

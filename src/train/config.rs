@@ -336,7 +336,7 @@ impl TrainConfig {
 
     /// Loads a config file (as the only layer over the defaults).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::fsutil::admit::read_text(path, crate::fsutil::admit::TOML)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
         Self::build(&[(&path.display().to_string(), &text)], &[])
     }

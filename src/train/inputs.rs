@@ -73,13 +73,14 @@ impl Inputs<'_> {
         let mut latents = Latents::new();
         let mut unreadable = Vec::new();
         for (i, item) in data.plan.items.iter().enumerate() {
-            let hash = match std::fs::read(&item.path) {
-                Ok(bytes) => blake3::hash(&bytes).to_hex().to_string(),
-                Err(e) => {
-                    unreadable.push((i, e.to_string()));
-                    continue;
-                }
-            };
+            let hash =
+                match crate::fsutil::admit::read_bounded(&item.path, crate::fsutil::admit::IMAGE) {
+                    Ok(bytes) => blake3::hash(&bytes).to_hex().to_string(),
+                    Err(e) => {
+                        unreadable.push((i, e.to_string()));
+                        continue;
+                    }
+                };
             for &flip in flips {
                 let key = cache.key(&hash, item.bucket, flip);
                 let (mean, logvar) = match cache.get(&key, &Device::Cpu) {

@@ -353,13 +353,38 @@ impl Optimizer {
             let dev = dev.ok_or_else(|| {
                 candle_core::Error::Msg(format!("optimizer state for a missing variable {key}"))
             })?;
-            self.state
-                .entry((gi, vi))
-                .or_default()
-                .push(tensors[key].to_device(&dev)?);
+            let st = self.state.entry((gi, vi)).or_default();
+            if parts[2] != st.len() {
+                candle_core::bail!("moment {}.{}.{} is missing", gi, vi, st.len())
+            }
+            st.push(tensors[key].to_device(&dev)?.to_dtype(DType::F32)?);
+        }
+        for ((gi, vi), st) in &self.state {
+            let var = &self.groups[*gi].vars[*vi];
+            let expected = self.state_shapes(var.dims());
+            let found: Vec<&[usize]> = st.iter().map(|t| t.dims()).collect();
+            if found != expected.iter().map(Vec::as_slice).collect::<Vec<_>>() {
+                candle_core::bail!(
+                    "the moments of variable {gi}.{vi} have shapes {found:?}; a {:?} variable of {:?} needs {expected:?}",
+                    var.dims(),
+                    self.kind
+                )
+            }
         }
         self.step = step;
         Ok(())
+    }
+
+    /// The shapes of one variable's state: AdamW two moments like it; Adafactor row and column means for a
+    /// matrix, one moment for a vector.
+    fn state_shapes(&self, dims: &[usize]) -> Vec<Vec<usize>> {
+        match self.kind {
+            OptimizerKind::AdamW => vec![dims.to_vec(); 2],
+            OptimizerKind::Adafactor if dims.len() >= 2 => {
+                vec![vec![dims[0], 1], vec![1, dims[1..].iter().product()]]
+            }
+            OptimizerKind::Adafactor => vec![dims.to_vec()],
+        }
     }
 }
 

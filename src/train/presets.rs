@@ -3,6 +3,7 @@
 //! `[preset]` table describing it (title, card size, description).
 
 use super::config::{ConfigError, TrainConfig};
+use crate::fsutil::admit;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -134,7 +135,7 @@ pub fn load_dir(dir: &Path) -> (Vec<Preset>, Vec<String>) {
     paths.sort();
     for path in paths {
         let name = path.file_stem().unwrap_or_default().to_string_lossy();
-        let parsed = std::fs::read_to_string(&path)
+        let parsed = admit::read_text(&path, admit::TOML)
             .map_err(|e| ConfigError(format!("preset {name}: {e}")))
             .and_then(|text| Preset::parse(&name, &text, Some(path.clone())));
         match parsed {
@@ -157,7 +158,7 @@ pub fn all() -> (Vec<Preset>, Vec<String>) {
 pub fn find(name_or_path: &str) -> Result<Preset, ConfigError> {
     let path = Path::new(name_or_path);
     if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
-        let text = std::fs::read_to_string(path)
+        let text = admit::read_text(path, admit::TOML)
             .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
         let name = path.file_stem().unwrap_or_default().to_string_lossy();
         return Preset::parse(&name, &text, Some(path.to_owned()));

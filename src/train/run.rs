@@ -175,6 +175,13 @@ impl<'a> Trainer<'a> {
                 "Choose an output folder you can write to (`saving.output_dir`).",
             )
         })?;
+        for dir in [out.dir.clone(), out.samples()] {
+            for path in crate::fsutil::remove_stale_temps(&dir) {
+                link.emit(Event::Log {
+                    message: format!("removed {}, left by an interrupted save", path.display()),
+                });
+            }
+        }
         let mut plan = make_plan(
             &config,
             &data,

@@ -5,7 +5,9 @@
 
 use super::config::TrainConfig;
 use super::optim::Optimizer;
+use crate::fsutil::admit;
 use crate::model::adapters::Trainable;
+use crate::model::weights::all_finite;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -31,6 +33,10 @@ struct StateFile {
 }
 
 const STATE: &str = "state.toml";
+/// More optimizer steps than any LoRA run takes; a larger count means a damaged file.
+const MAX_STEP: u64 = 100_000_000;
+/// What to do about a state that cannot be used.
+const DAMAGED: &str = "start a new run or pick another state";
 const ADAPTERS: &str = "adapters.safetensors";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
@@ -52,7 +58,7 @@ pub fn save(
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent)?;
     let tmp = tempfile::Builder::new()
-        .prefix(".state-")
+        .prefix(crate::fsutil::STATE_STAGING_PREFIX)
         .tempdir_in(parent)?;
     let adapters: HashMap<String, Tensor> = trainable
         .adapters
@@ -105,13 +111,42 @@ fn state_dir(dir: &Path) -> PathBuf {
 }
 
 fn read_state(dir: &Path) -> candle_core::Result<StateFile> {
-    let text = std::fs::read_to_string(dir.join(STATE)).map_err(|e| {
+    let path = dir.join(STATE);
+    let text = admit::read_text(&path, admit::TOML).map_err(|e| {
         msg(format!(
-            "{} is not a training state folder ({e})",
-            dir.display()
+            "{} is not a training state folder ({}: {e}); {DAMAGED}",
+            dir.display(),
+            path.display()
         ))
     })?;
-    toml::from_str(&text).map_err(|e| msg(format!("{}: {e}", dir.join(STATE).display())))
+    let file: StateFile = toml::from_str(&text)
+        .map_err(|e| msg(format!("{} is damaged: {e}; {DAMAGED}", path.display())))?;
+    let c = &file.counters;
+    if c.step > MAX_STEP || file.optimizer_steps > c.step || c.epoch > c.step {
+        return Err(msg(format!(
+            "{} is damaged: it says step {}, epoch {} and {} optimizer steps, which cannot come from one run; \
+             {DAMAGED}",
+            path.display(),
+            c.step,
+            c.epoch,
+            file.optimizer_steps
+        )));
+    }
+    Ok(file)
+}
+
+/// The tensors of one state file, each checked to be finite.
+fn read_tensors(path: &Path) -> candle_core::Result<HashMap<String, Tensor>> {
+    let damaged =
+        |e: &dyn std::fmt::Display| msg(format!("{} is damaged ({e}); {DAMAGED}", path.display()));
+    admit::regular_file(path, admit::SAFETENSORS).map_err(|e| damaged(&e))?;
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| damaged(&e))?;
+    for (name, t) in &tensors {
+        if !all_finite(t).map_err(|e| damaged(&e))? {
+            return Err(damaged(&format!("`{name}` holds NaN or infinite values")));
+        }
+    }
+    Ok(tensors)
 }
 
 /// Restores adapters (into `trainable`'s variables) and optimizer state from `dir`; returns the counters and the
@@ -123,19 +158,32 @@ pub fn load(
 ) -> candle_core::Result<(Counters, TrainConfig)> {
     let dir = &state_dir(dir);
     let file = read_state(dir)?;
-    let adapters = candle_core::safetensors::load(dir.join(ADAPTERS), &Device::Cpu)?;
+    let adapters_path = dir.join(ADAPTERS);
+    let adapters = read_tensors(&adapters_path)?;
     for (path, a) in &trainable.adapters {
         for (part, var) in [("down", &a.down), ("up", &a.up)] {
-            let t = adapters.get(&format!("{path}.{part}")).ok_or_else(|| {
+            let key = format!("{path}.{part}");
+            let t = adapters.get(&key).ok_or_else(|| {
                 msg(format!(
-                    "the saved state has no adapter for {path}: it is from another network"
+                    "{} has no adapter for {path}: it is from another network; {DAMAGED}",
+                    adapters_path.display()
                 ))
             })?;
-            var.set(&t.to_device(var.device())?)?;
+            if t.dims() != var.dims() {
+                return Err(msg(format!(
+                    "{}: `{key}` has shape {:?}, the network's adapter {:?}; {DAMAGED}",
+                    adapters_path.display(),
+                    t.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&t.to_device(var.device())?.to_dtype(var.dtype())?)?;
         }
     }
-    let opt_state = candle_core::safetensors::load(dir.join(OPTIMIZER), &Device::Cpu)?;
-    opt.load_state(&opt_state, file.optimizer_steps)?;
+    let opt_path = dir.join(OPTIMIZER);
+    let opt_state = read_tensors(&opt_path)?;
+    opt.load_state(&opt_state, file.optimizer_steps)
+        .map_err(|e| msg(format!("{} is damaged: {e}; {DAMAGED}", opt_path.display())))?;
     Ok((file.counters, file.config))
 }
 

@@ -20,14 +20,15 @@ pub enum Transform {
 }
 
 impl Transform {
-    fn shape(self, stored: &[usize]) -> Vec<usize> {
+    /// The shape after the transform; `None` where the stored shape cannot take it (a damaged file).
+    fn shape(self, stored: &[usize]) -> Option<Vec<usize>> {
         match self {
-            Transform::Same => stored.to_vec(),
-            Transform::Squeeze1x1 => stored[..2].to_vec(),
+            Transform::Same => Some(stored.to_vec()),
+            Transform::Squeeze1x1 => Some(stored.get(..2)?.to_vec()),
             Transform::Chunk { count, .. } => {
                 let mut shape = stored.to_vec();
-                shape[0] /= count;
-                shape
+                *shape.first_mut()? /= count;
+                Some(shape)
             }
         }
     }
@@ -83,6 +84,29 @@ impl ComponentWeights {
             Some((self.file.meta(&s.key)?, parts))
         })
     }
+
+    /// Each diffusers name with its stored key, header entry and transform (for validation).
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &str, &TensorMeta, Transform)> {
+        self.names.iter().filter_map(|(name, s)| {
+            Some((
+                name.as_str(),
+                s.key.as_str(),
+                self.file.meta(&s.key)?,
+                s.transform,
+            ))
+        })
+    }
+
+    /// The diffusers-side shape of `name`, if it exists and its stored shape can take the transform.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let source = self.names.get(name)?;
+        source.transform.shape(&self.file.meta(&source.key)?.shape)
+    }
+
+    /// A tensor as stored, by its key in the file.
+    pub fn load_stored(&self, key: &str, device: &Device) -> Result<Tensor> {
+        self.file.load(key, device)
+    }
 }
 
 impl Weights for ComponentWeights {
@@ -93,8 +117,7 @@ impl Weights for ComponentWeights {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        let source = self.names.get(name)?;
-        Some(source.transform.shape(&self.file.meta(&source.key)?.shape))
+        self.shape_of(name)
     }
 
     fn names(&self) -> Vec<String> {

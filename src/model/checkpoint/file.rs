@@ -4,12 +4,12 @@
 //! download gets a message that says what is wrong with it, not "MetadataIncompleteBuffer".
 
 use super::CheckpointError;
+use crate::fsutil::admit;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{Device, Tensor};
 use safetensors::Dtype;
 use safetensors::tensor::TensorInfo;
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -96,13 +96,18 @@ fn read_header(path: &Path) -> Result<Header, CheckpointError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(io)?;
+    let mut file = admit::open_regular(path, admit::SAFETENSORS).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut prefix = [0u8; 8];
     if file_len < 8 {
         return Err(corrupt(path, format!("it is only {file_len} bytes long")));
     }
     file.read_exact(&mut prefix).map_err(io)?;
+    if prefix.starts_with(b"PK\x03\x04") {
+        return Err(CheckpointError::Archive {
+            path: path.to_path_buf(),
+        });
+    }
     if let Some(kind) = pickle_magic(&prefix) {
         return Err(CheckpointError::Pickle {
             path: path.to_path_buf(),
@@ -237,10 +242,9 @@ fn check_length(path: &Path, file_len: u64, expected: u64) -> Result<(), Checkpo
     Ok(())
 }
 
-/// PyTorch pickles start with a zip signature (torch.save since 1.6) or a pickle protocol opcode.
+/// Old PyTorch pickles start with a pickle protocol opcode (since 1.6 torch.save writes a zip, refused above).
 fn pickle_magic(prefix: &[u8; 8]) -> Option<&'static str> {
     match prefix {
-        [b'P', b'K', 3, 4, ..] => Some("a PyTorch zip archive"),
         [0x80, 2..=5, ..] => Some("a Python pickle"),
         _ => None,
     }

@@ -3,7 +3,10 @@
 
 use super::component::ComponentWeights;
 use super::file::SafetensorsFile;
-use super::{CheckpointError, Family, Layout, ModelFiles, Prediction, UNetConfig, ldm_keys};
+use super::{
+    CheckpointError, Family, Layout, ModelFiles, Prediction, UNetConfig, ldm_keys, validate,
+};
+use crate::fsutil::admit;
 use crate::model::text_encoder::{Activation, ClipTextConfig};
 use crate::model::vae::VaeConfig;
 use serde::de::DeserializeOwned;
@@ -13,7 +16,7 @@ use std::sync::Arc;
 
 pub fn open(dir: &Path) -> Result<ModelFiles, CheckpointError> {
     let index = dir.join("model_index.json");
-    if !index.is_file() {
+    if !present(&index) {
         return Err(CheckpointError::NotDiffusers {
             path: dir.to_path_buf(),
             detail: "it has no model_index.json".into(),
@@ -21,7 +24,9 @@ pub fn open(dir: &Path) -> Result<ModelFiles, CheckpointError> {
     }
     let index: serde_json::Value = read_json(&index)?;
     check_pipeline(dir, index["_class_name"].as_str().unwrap_or_default())?;
-    let text_encoder_config: ClipTextConfig = read_json(&dir.join("text_encoder/config.json"))?;
+    let text_json = dir.join("text_encoder/config.json");
+    let text_encoder_config: ClipTextConfig = read_json(&text_json)?;
+    validate::check_text_config(&text_json, &text_encoder_config)?;
     let family = match text_encoder_config.hidden_act {
         Activation::QuickGelu => Family::Sd1,
         Activation::Gelu => Family::Sd2,
@@ -33,22 +38,35 @@ pub fn open(dir: &Path) -> Result<ModelFiles, CheckpointError> {
     )?);
     let vae = Arc::new(component_file(&dir.join("vae"), "diffusion_pytorch_model")?);
     let text_encoder = Arc::new(component_file(&dir.join("text_encoder"), "model")?);
+    let (unet_json, vae_json) = (dir.join("unet/config.json"), dir.join("vae/config.json"));
+    let unet_config = read_json::<UNetConfig>(&unet_json)?;
+    validate::check_unet_config(&unet_json, &unet_config)?;
+    let vae_config = read_json::<VaeConfig>(&vae_json)?;
+    validate::check_vae_config(&vae_json, &vae_config)?;
+    let unet = ComponentWeights::new(unet.clone(), ldm_keys::same(&unet));
+    let vae = ComponentWeights::new(vae.clone(), ldm_keys::diffusers_vae(&vae, ""));
+    let text_encoder =
+        ComponentWeights::new(text_encoder.clone(), ldm_keys::hf_clip(&text_encoder, ""));
+    for (part, weights) in [
+        ("unet", &unet),
+        ("vae", &vae),
+        ("text_encoder", &text_encoder),
+    ] {
+        validate::check_tensors(&dir.join(part), weights)?;
+    }
     ModelFiles {
         path: dir.to_path_buf(),
         layout: Layout::Diffusers,
         family,
         prediction,
         prediction_reason,
-        unet_config: read_json::<UNetConfig>(&dir.join("unet/config.json"))?,
-        vae_config: read_json::<VaeConfig>(&dir.join("vae/config.json"))?,
+        unet_config,
+        vae_config,
         text_encoder_config,
         vae_path: None,
-        unet: ComponentWeights::new(unet.clone(), ldm_keys::same(&unet)),
-        vae: ComponentWeights::new(vae.clone(), ldm_keys::diffusers_vae(&vae, "")),
-        text_encoder: ComponentWeights::new(
-            text_encoder.clone(),
-            ldm_keys::hf_clip(&text_encoder, ""),
-        ),
+        unet,
+        vae,
+        text_encoder,
     }
     .check_consistent()
 }
@@ -104,11 +122,11 @@ fn scheduler_prediction(dir: &Path) -> Result<(Prediction, String), CheckpointEr
 pub fn component_file(dir: &Path, stem: &str) -> Result<SafetensorsFile, CheckpointError> {
     for variant in ["", ".fp16"] {
         let whole = dir.join(format!("{stem}{variant}.safetensors"));
-        if whole.is_file() {
+        if present(&whole) {
             return SafetensorsFile::open(&whole);
         }
         let index = dir.join(format!("{stem}{variant}.safetensors.index.json"));
-        if index.is_file() {
+        if present(&index) {
             return SafetensorsFile::open_shards(&shards(&index)?);
         }
     }
@@ -150,8 +168,13 @@ fn shards(index: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
     Ok(files.into_iter().map(|f| dir.join(f)).collect())
 }
 
+/// Something is at `path` (a file, or a pipe or broken link that reading then refuses with its reason).
+fn present(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok()
+}
+
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
-    let text = std::fs::read_to_string(path).map_err(|source| CheckpointError::Io {
+    let text = admit::read_text(path, admit::JSON).map_err(|source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
     })?;

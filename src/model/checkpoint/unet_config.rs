@@ -119,7 +119,10 @@ impl UNetConfig {
         let attention = format!("down_blocks.{first_attention}.attentions.0");
         let heads = match family {
             Family::Sd1 => PerBlock::One(8),
-            Family::Sd2 => PerBlock::Each(block_out_channels.iter().map(|c| c / 64).collect()),
+            // At least one head: a model narrower than 64 channels is not standard (it is given its config).
+            Family::Sd2 => {
+                PerBlock::Each(block_out_channels.iter().map(|c| (c / 64).max(1)).collect())
+            }
         };
         Ok(UNetConfig {
             in_channels: shape("conv_in.weight")?[1],
