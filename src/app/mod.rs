@@ -4,10 +4,12 @@
 mod dataset_jobs;
 mod dataset_tools;
 pub mod dataset_view;
+mod past_runs;
 pub mod run_view;
 pub mod samples_view;
 mod textures;
 mod training_form;
+mod try_lora;
 pub mod training_jobs;
 pub mod training_view;
 mod widgets;
@@ -111,7 +113,7 @@ impl LoraStudioApp {
             state,
             dataset,
             training: TrainingView::new(ctx),
-            samples: SamplesView::default(),
+            samples: SamplesView::new(ctx),
             confirm_close: false,
             close_after_run: false,
             followed_buckets: None,
@@ -128,6 +130,9 @@ impl LoraStudioApp {
             images: s.entries.len(),
         });
         self.training.poll(ui.ctx(), &mut self.state.training, open);
+        if let Some(run) = self.training.run() {
+            self.state.training.remember_output_dir(&run.output_dir());
+        }
         self.handle_close(ui.ctx());
         egui::Panel::top("top_bar").show(ui, |ui| {
             ui.horizontal(|ui| {
@@ -167,7 +172,7 @@ impl LoraStudioApp {
         egui::CentralPanel::default().show(ui, |ui| match self.state.workspace {
             Workspace::Dataset => self.dataset.ui(ui, &mut self.state.dataset),
             Workspace::Training => self.training.ui(ui, &mut self.state.training),
-            Workspace::Samples => self.samples.ui(ui, self.training.run()),
+            Workspace::Samples => self.samples.ui(ui, self.training.run(), &self.state.training),
         });
         self.close_dialog(ui.ctx());
     }
