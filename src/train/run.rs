@@ -730,7 +730,7 @@ impl<'a> Trainer<'a> {
         let layers = self
             .unet
             .layers_mut()
-            .map_err(|e| self.failure("making the samples without the LoRA", e))?;
+            .map_err(|e| Failure::from_error("making the samples without the LoRA", e, &self.config))?;
         for a in layers.into_iter().flat_map(|l| l.adapters.iter_mut()) {
             a.multiplier = weight;
         }
