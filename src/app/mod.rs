@@ -4,6 +4,7 @@
 mod dataset_jobs;
 mod dataset_tools;
 pub mod dataset_view;
+mod past_runs;
 mod plan_view;
 mod resume;
 pub mod run_view;
@@ -12,6 +13,7 @@ mod textures;
 mod training_form;
 pub mod training_jobs;
 pub mod training_view;
+mod try_lora;
 mod widgets;
 mod workers;
 
@@ -113,7 +115,7 @@ impl LoraStudioApp {
             state,
             dataset,
             training: TrainingView::new(ctx),
-            samples: SamplesView::default(),
+            samples: SamplesView::new(ctx),
             confirm_close: false,
             close_after_run: false,
             followed_buckets: None,
@@ -130,6 +132,9 @@ impl LoraStudioApp {
             images: s.entries.len(),
         });
         self.training.poll(ui.ctx(), &mut self.state.training, open);
+        if let Some(run) = self.training.run() {
+            self.state.training.remember_output_dir(&run.output_dir());
+        }
         self.handle_close(ui.ctx());
         egui::Panel::top("top_bar").show(ui, |ui| {
             ui.horizontal(|ui| {
@@ -169,7 +174,9 @@ impl LoraStudioApp {
         egui::CentralPanel::default().show(ui, |ui| match self.state.workspace {
             Workspace::Dataset => self.dataset.ui(ui, &mut self.state.dataset),
             Workspace::Training => self.training.ui(ui, &mut self.state.training),
-            Workspace::Samples => self.samples.ui(ui, self.training.run()),
+            Workspace::Samples => self
+                .samples
+                .ui(ui, self.training.run(), &self.state.training),
         });
         self.close_dialog(ui.ctx());
     }

@@ -5,6 +5,7 @@
 use super::widgets::{bytes, duration};
 use crate::train::config::TrainConfig;
 use crate::train::events::{Command, Event, Phase, Plan, StepStats};
+use crate::train::record::SampleInfo;
 use crate::train::{Engine, StartOptions};
 use egui::{Color32, RichText, Ui};
 use egui_plot::{Line, Plot, PlotPoints, Points};
@@ -21,9 +22,17 @@ pub enum LogLevel {
 }
 
 pub struct SampleImage {
-    pub prompt: String,
+    /// How it was made (a past run of an older version may not have saved it).
+    pub info: Option<SampleInfo>,
     pub path: PathBuf,
     pub texture: egui::TextureHandle,
+}
+
+/// A texture of an image the engine made.
+pub fn texture(ctx: &egui::Context, name: String, image: &image::RgbImage) -> egui::TextureHandle {
+    let size = [image.width() as usize, image.height() as usize];
+    let color = egui::ColorImage::from_rgb(size, image.as_raw());
+    ctx.load_texture(name, color, egui::TextureOptions::LINEAR)
 }
 
 pub struct SavedFile {
@@ -46,6 +55,8 @@ pub struct Run {
     pub peak_memory: Option<u64>,
     /// (step, prompt index) → image.
     pub samples: BTreeMap<(u64, usize), SampleImage>,
+    /// Prompt index → the image drawn without the LoRA.
+    pub baseline: BTreeMap<usize, SampleImage>,
     pub saved: Vec<SavedFile>,
     pub log: Vec<(LogLevel, String)>,
     pub paused: bool,
@@ -84,6 +95,7 @@ impl Run {
             lrs: Vec::new(),
             peak_memory: None,
             samples: BTreeMap::new(),
+            baseline: BTreeMap::new(),
             saved: Vec::new(),
             log: Vec::new(),
             paused: false,
@@ -141,28 +153,19 @@ impl Run {
                 }
                 self.last = Some(stats);
             }
-            Event::Sample {
-                step,
-                prompt_index,
-                prompt,
-                path,
-                image,
-            } => {
-                let size = [image.width() as usize, image.height() as usize];
-                let color = egui::ColorImage::from_rgb(size, image.as_raw());
-                let texture = ctx.load_texture(
-                    format!("sample-{step}-{prompt_index}"),
-                    color,
-                    egui::TextureOptions::LINEAR,
-                );
-                self.samples.insert(
-                    (step, prompt_index),
-                    SampleImage {
-                        prompt,
-                        path,
-                        texture,
-                    },
-                );
+            Event::Sample { info, path, image } => {
+                let texture = texture(ctx, format!("sample-{}", path.display()), &image);
+                let (step, index, baseline) = (info.step, info.prompt_index, info.baseline);
+                let sample = SampleImage {
+                    info: Some(info),
+                    path,
+                    texture,
+                };
+                if baseline {
+                    self.baseline.insert(index, sample);
+                } else {
+                    self.samples.insert((step, index), sample);
+                }
             }
             Event::Saved {
                 step,
@@ -259,7 +262,10 @@ impl Run {
 
     /// The number of prompt columns (the config's prompts, or more if the engine sent more).
     pub fn prompt_count(&self) -> usize {
-        let seen = self.samples.keys().map(|(_, i)| i + 1).max().unwrap_or(0);
+        let seen = (self.samples.keys().map(|(_, i)| i + 1))
+            .chain(self.baseline.keys().map(|i| i + 1))
+            .max()
+            .unwrap_or(0);
         seen.max(self.config.sampling.prompts.len())
     }
 
@@ -367,8 +373,22 @@ pub fn progress(ui: &mut Ui, run: &Run) {
     }
 }
 
-/// The loss curve (raw points and the smoothed line) and the learning-rate curve.
+/// The loss curve (raw points and the smoothed line) and the learning-rate curve of a run.
 pub fn curves(ui: &mut Ui, run: &Run, options: &mut CurveOptions) {
+    let total = run.total_steps();
+    loss_curves(ui, "run", &run.losses, &run.lrs, total, options);
+}
+
+/// Loss and learning-rate curves of (step, value) points over `total` steps; `id` tells the plots of several
+/// workspaces apart.
+pub fn loss_curves(
+    ui: &mut Ui,
+    id: &str,
+    losses: &[[f64; 2]],
+    lrs: &[[f64; 2]],
+    total: u64,
+    options: &mut CurveOptions,
+) {
     ui.horizontal(|ui| {
         ui.strong("Loss");
         ui.checkbox(&mut options.log_scale, "Log scale")
@@ -390,14 +410,14 @@ pub fn curves(ui: &mut Ui, run: &Run, options: &mut CurveOptions) {
             *p
         }
     };
-    let raw: Vec<[f64; 2]> = run.losses.iter().map(tf).collect();
-    let smooth: Vec<[f64; 2]> = ema(&run.losses, options.smoothing).iter().map(tf).collect();
+    let raw: Vec<[f64; 2]> = losses.iter().map(tf).collect();
+    let smooth: Vec<[f64; 2]> = ema(losses, options.smoothing).iter().map(tf).collect();
     let height = (ui.available_height() - 150.0).clamp(120.0, 520.0);
-    Plot::new("loss-plot")
+    Plot::new(format!("{id}-loss-plot"))
         .height(height)
         .x_axis_label("step")
         .include_x(0.0)
-        .include_x(run.total_steps() as f64)
+        .include_x(total as f64)
         .allow_scroll(false)
         .y_axis_formatter(move |mark, _| {
             if log {
@@ -424,10 +444,10 @@ pub fn curves(ui: &mut Ui, run: &Run, options: &mut CurveOptions) {
             );
         });
     ui.strong("Learning rate");
-    Plot::new("lr-plot")
+    Plot::new(format!("{id}-lr-plot"))
         .height(90.0)
         .include_x(0.0)
-        .include_x(run.total_steps() as f64)
+        .include_x(total as f64)
         .include_y(0.0)
         .allow_scroll(false)
         .y_axis_formatter(|mark, _| format!("{:.1e}", mark.value))
@@ -436,7 +456,7 @@ pub fn curves(ui: &mut Ui, run: &Run, options: &mut CurveOptions) {
             Some(format!("step {:.0}\nLR {:.2e}", p.x, p.y))
         })
         .show(ui, |plot| {
-            plot.line(Line::new("lr", PlotPoints::from(run.lrs.clone())).width(1.5));
+            plot.line(Line::new("lr", PlotPoints::from(lrs.to_vec())).width(1.5));
         });
 }
 

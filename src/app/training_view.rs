@@ -35,6 +35,8 @@ pub struct TrainingSettings {
     pub recent_models: Vec<String>,
     /// The demo project is open (shows the banner).
     pub demo: bool,
+    /// Output folders runs were trained into, most recent first (the Samples workspace lists their runs).
+    pub output_dirs: Vec<PathBuf>,
 }
 
 impl Default for TrainingSettings {
@@ -48,6 +50,7 @@ impl Default for TrainingSettings {
             preset: DEFAULT_PRESET.into(),
             recent_models: Vec::new(),
             demo: false,
+            output_dirs: Vec::new(),
         }
     }
 }
@@ -58,6 +61,16 @@ impl TrainingSettings {
         self.recent_models.retain(|r| *r != p);
         self.recent_models.insert(0, p);
         self.recent_models.truncate(RECENT_MAX);
+    }
+
+    /// Puts `dir` first among the output folders of past runs.
+    pub fn remember_output_dir(&mut self, dir: &Path) {
+        if self.output_dirs.first().is_some_and(|d| d == dir) {
+            return;
+        }
+        self.output_dirs.retain(|d| d != dir);
+        self.output_dirs.insert(0, dir.to_owned());
+        self.output_dirs.truncate(RECENT_MAX);
     }
 
     /// The demo project: its model and dataset, the `cpu-demo` preset, the project's own settings from its
@@ -81,6 +94,7 @@ impl TrainingSettings {
             preset: "cpu-demo".into(),
             recent_models: Vec::new(),
             demo: true,
+            output_dirs: Vec::new(),
         };
         s.remember_model(&demo.join("model"));
         Ok(s)

@@ -1,8 +1,7 @@
 //! `lora-studio sample`: one image from a checkpoint and LoRAs, headless.
 
 use crate::sample::Sampler;
-use crate::sample::pipeline::{Pipeline, Request};
-use candle_core::DType;
+use crate::sample::pipeline::{ModelChoice, Request, draw};
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,19 +14,31 @@ pub struct SampleArgs {
     /// A VAE file to use instead of the checkpoint's.
     #[arg(long)]
     vae: Option<PathBuf>,
-    /// A LoRA file, optionally with a weight: `my-lora.safetensors:0.8`. Repeat for several.
+    /// A LoRA file, optionally with its own weight: `my-lora.safetensors:0.8`. Repeat for several.
     #[arg(long = "lora", value_parser = parse_lora)]
-    loras: Vec<(PathBuf, f64)>,
+    loras: Vec<(PathBuf, Option<f64>)>,
+    /// The weight of each --lora given without its own `:WEIGHT`.
+    #[arg(long, default_value_t = 1.0)]
+    lora_weight: f64,
+    /// Also draw the image without the LoRAs (same seed and settings) into this file, to compare.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// What to draw.
     #[arg(long)]
     prompt: String,
+    /// What to steer away from (the unconditional side of the guidance).
     #[arg(long, default_value = "")]
     negative: String,
+    /// Seeds the starting noise (and Euler a's noise): the same seed gives the same image.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Sampling steps.
     #[arg(long, default_value_t = 20)]
     steps: usize,
+    /// Classifier-free guidance scale.
     #[arg(long, default_value_t = 7.0)]
     cfg: f64,
+    /// ddim, euler or euler_a.
     #[arg(long, default_value = "euler_a")]
     sampler: Sampler,
     #[arg(long, default_value_t = 512)]
@@ -43,18 +54,19 @@ pub struct SampleArgs {
     /// Start from the tensor `latents` [1, 4, H/8, W/8] in this safetensors file instead of seeded noise.
     #[arg(long)]
     latents: Option<PathBuf>,
+    /// The PNG to write.
     #[arg(long)]
     out: PathBuf,
 }
 
 /// `FILE` or `FILE:WEIGHT` (the suffix counts as a weight only if it is a number, so `C:\\x` stays a path).
-fn parse_lora(s: &str) -> Result<(PathBuf, f64), String> {
+fn parse_lora(s: &str) -> Result<(PathBuf, Option<f64>), String> {
     if let Some((path, w)) = s.rsplit_once(':')
         && let Ok(weight) = w.parse::<f64>()
     {
-        return Ok((PathBuf::from(path), weight));
+        return Ok((PathBuf::from(path), Some(weight)));
     }
-    Ok((PathBuf::from(s), 1.0))
+    Ok((PathBuf::from(s), None))
 }
 
 pub fn run(a: &SampleArgs) -> Result<ExitCode, String> {
@@ -64,37 +76,15 @@ pub fn run(a: &SampleArgs) -> Result<ExitCode, String> {
     if let Some(w) = warning {
         eprintln!("warning: {w}");
     }
-    // The CPU has no bf16 matmul; a GPU runs the UNet and text encoder in bf16.
-    let dtype = if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    };
-    let mut p = Pipeline::load(&a.model, a.vae.as_deref(), &a.loras, &device, dtype)?;
-    p.clip_skip = a.clip_skip;
-    if let Some(pr) = a.prediction {
-        p.model.prediction = pr;
-    }
-    eprintln!("model: {}", p.model.describe());
-    for w in &p.warnings {
-        eprintln!("warning: {w}");
-    }
-    let dropped = p.prompt_overflow(&a.prompt);
-    if dropped > 0 {
-        eprintln!(
-            "warning: the prompt is {dropped} tokens longer than the {} encoded; those are ignored",
-            crate::sample::pipeline::MAX_CHUNKS * 75
-        );
-    }
-    let f = p.model.vae_config.downsample_factor();
-    if !a.width.is_multiple_of(f) || !a.height.is_multiple_of(f) {
-        return Err(format!(
-            "--width and --height must be multiples of {f} for this model"
-        ));
-    }
     let latents = match &a.latents {
         Some(path) => Some(crate::sample::pipeline::read_latents(path, &device)?),
         None => None,
+    };
+    let model = ModelChoice {
+        checkpoint: a.model.clone(),
+        vae: a.vae.clone(),
+        clip_skip: a.clip_skip,
+        prediction: a.prediction,
     };
     let req = Request {
         prompt: a.prompt.clone(),
@@ -107,16 +97,37 @@ pub fn run(a: &SampleArgs) -> Result<ExitCode, String> {
         height: a.height,
         latents,
     };
-    let image = p
-        .generate(&req, |done, total| eprint!("\rstep {done}/{total}"))
-        .map_err(|e| format!("sampling failed: {e}"))?;
-    eprintln!();
+    let loras: Vec<(PathBuf, f64)> = a
+        .loras
+        .iter()
+        .map(|(p, w)| (p.clone(), w.unwrap_or(a.lora_weight)))
+        .collect();
+    let mut jobs = vec![(loras, &a.out)];
+    if let Some(base) = &a.baseline {
+        jobs.push((Vec::new(), base));
+    }
+    for (i, (loras, out)) in jobs.iter().enumerate() {
+        let drawn = draw(&model, loras, &req, &device, |done, total| {
+            eprint!("\rstep {done}/{total}")
+        })?;
+        eprintln!();
+        if i == 0 {
+            eprintln!("model: {}", drawn.model);
+        }
+        for w in &drawn.warnings {
+            eprintln!("warning: {w}");
+        }
+        write_png(out, &drawn.image)?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_png(path: &std::path::Path, image: &image::RgbImage) -> Result<(), String> {
     let mut png = Vec::new();
     image
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .map_err(|e| e.to_string())?;
-    crate::fsutil::write_atomic(&a.out, &png)
-        .map_err(|e| format!("cannot write {}: {e}", a.out.display()))?;
-    eprintln!("wrote {}", a.out.display());
-    Ok(ExitCode::SUCCESS)
+    crate::fsutil::write_atomic(path, &png)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -291,8 +291,11 @@ impl Bar {
                 ));
                 self.bar.set_position(s.step);
             }
-            Event::Sample { step, path, .. } => {
-                self.line(&format!("sample at step {step}: {}", path.display()))
+            Event::Sample { info, path, .. } if info.baseline => {
+                self.line(&format!("sample without the LoRA: {}", path.display()))
+            }
+            Event::Sample { info, path, .. } => {
+                self.line(&format!("sample at step {}: {}", info.step, path.display()))
             }
             Event::Saved { step, path, .. } => {
                 self.line(&format!("saved at step {step}: {}", path.display()))

@@ -31,6 +31,77 @@ pub struct Request {
     pub latents: Option<Tensor>,
 }
 
+/// The model to draw with and how to read it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelChoice {
+    /// A single-file .safetensors or a diffusers folder.
+    pub checkpoint: PathBuf,
+    /// Another VAE than the checkpoint's.
+    pub vae: Option<PathBuf>,
+    /// 1 = last text-encoder layer, 2 = penultimate.
+    pub clip_skip: usize,
+    /// What the model predicts, when the detection is wrong.
+    pub prediction: Option<Prediction>,
+}
+
+/// An image drawn by [`draw`], with what the user should know about it.
+pub struct Drawn {
+    pub image: image::RgbImage,
+    /// The model as detected (`ModelFiles::describe`).
+    pub model: String,
+    pub warnings: Vec<String>,
+}
+
+/// Loads `model` with `loras` (file, weight) on `device` and draws `req`: what `lora-studio sample` and the
+/// Samples workspace's "Try the LoRA" run. The CPU computes in f32 (it has no fast bf16), a GPU in bf16.
+pub fn draw(
+    model: &ModelChoice,
+    loras: &[(PathBuf, f64)],
+    req: &Request,
+    device: &Device,
+    progress: impl FnMut(usize, usize),
+) -> Result<Drawn, String> {
+    let dtype = if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    };
+    let mut p = Pipeline::load(
+        &model.checkpoint,
+        model.vae.as_deref(),
+        loras,
+        device,
+        dtype,
+    )?;
+    p.clip_skip = model.clip_skip.max(1);
+    if let Some(pr) = model.prediction {
+        p.model.prediction = pr;
+    }
+    let f = p.model.vae_config.downsample_factor();
+    if !req.width.is_multiple_of(f) || !req.height.is_multiple_of(f) {
+        return Err(format!(
+            "The width and height must be multiples of {f} for this model (not {}×{}).",
+            req.width, req.height
+        ));
+    }
+    let mut warnings = std::mem::take(&mut p.warnings);
+    let dropped = p.prompt_overflow(&req.prompt);
+    if dropped > 0 {
+        warnings.push(format!(
+            "the prompt is {dropped} tokens longer than the {} encoded; those are ignored",
+            MAX_CHUNKS * 75
+        ));
+    }
+    let image = p
+        .generate(req, progress)
+        .map_err(|e| format!("sampling failed: {e}"))?;
+    Ok(Drawn {
+        image,
+        model: p.model.describe(),
+        warnings,
+    })
+}
+
 pub struct Pipeline {
     pub model: ModelFiles,
     tokenizer: ClipTokenizer,

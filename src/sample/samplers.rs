@@ -13,10 +13,12 @@ use candle_core::{DType, Result, Tensor, bail};
 use std::fmt;
 use std::str::FromStr;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Sampler {
     Ddim,
     Euler,
+    #[serde(rename = "euler_a")]
     EulerAncestral,
 }
 

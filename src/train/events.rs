@@ -1,6 +1,7 @@
 //! The messages between a front end (GUI or CLI) and the training engine's thread: `Command`s in, `Event`s out.
 //! Both front ends consume the same events, so they cannot drift apart; `--json` prints them as they are.
 
+use super::record::SampleInfo;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,12 +102,10 @@ pub enum Event {
     },
     Plan(Plan),
     Progress(StepStats),
-    /// One sample image was written.
+    /// One sample image was written (`info.baseline`: drawn without the LoRA, at the start of the run).
     Sample {
-        step: u64,
-        /// Index into the config's sample prompts.
-        prompt_index: usize,
-        prompt: String,
+        #[serde(flatten)]
+        info: SampleInfo,
         path: PathBuf,
         #[serde(skip)]
         image: Arc<image::RgbImage>,

@@ -14,6 +14,7 @@ pub mod lr;
 pub mod optim;
 pub mod plan;
 pub mod presets;
+pub mod record;
 mod run;
 pub mod state;
 pub mod step;

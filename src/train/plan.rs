@@ -45,6 +45,17 @@ impl OutputPaths {
             .join(format!("{}-step{step:06}-p{prompt_index}.png", self.name))
     }
 
+    /// The sample of prompt `prompt_index` drawn without the LoRA.
+    pub fn baseline_sample(&self, prompt_index: usize) -> PathBuf {
+        self.samples()
+            .join(format!("{}-base-p{prompt_index}.png", self.name))
+    }
+
+    /// The run's loss curve (see `record::LossLog`).
+    pub fn loss_log(&self) -> PathBuf {
+        self.dir.join(format!("{}-loss.csv", self.name))
+    }
+
     pub fn state(&self) -> PathBuf {
         self.dir.join("state")
     }

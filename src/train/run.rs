@@ -11,6 +11,7 @@ use super::inputs::{Inputs, Latents, TextSource, prompt_contexts};
 use super::lr::lr_factor;
 use super::optim::{Group, Optimizer};
 use super::plan::{Data, OutputPaths, load_data, make_plan, open_model};
+use super::record::{LossLog, LossPoint, SampleInfo};
 use super::state::{self, Counters};
 use super::step::{LossOptions, diffusion_loss};
 use crate::lora::{BaseModel, ConvLora, LoraMetadata};
@@ -32,6 +33,9 @@ use std::time::{Instant, SystemTime};
 
 /// Consecutive steps with a non-finite loss or gradient after which the run stops.
 const MAX_BAD_STEPS: u32 = 5;
+
+/// The sampler of the run's previews.
+const PREVIEW_SAMPLER: Sampler = Sampler::Euler;
 
 /// Runs `config` to its end, reporting through `link`; failures end with a `Failed` event.
 pub fn run(config: TrainConfig, options: StartOptions, link: &Link) {
@@ -127,6 +131,8 @@ struct Trainer<'a> {
     step_times: VecDeque<f64>,
     /// Set once the run is ending on a stop request (no phase change back to training after the save).
     stopping: bool,
+    /// The loss curve file (none when it could not be opened; the run goes on without it).
+    loss_log: Option<LossLog>,
     /// Batches of the current epoch (recomputed when the epoch changes).
     epoch_batches: (u64, Vec<Vec<super::data::Sample>>),
     /// Steps captured as CUDA graphs, one per batch shape (see `captured_step`).
@@ -192,6 +198,16 @@ impl<'a> Trainer<'a> {
             plan.start_step = state::saved(dir).map_or(0, |(c, _)| c.step);
         }
         let total_steps = plan.total_steps;
+        let loss_log = LossLog::open(&out.loss_log(), plan.start_step)
+            .map_err(|e| {
+                link.emit(Event::Warning {
+                    message: format!(
+                        "the loss curve is not saved: cannot write {}: {e}",
+                        out.loss_log().display()
+                    ),
+                })
+            })
+            .ok();
         link.emit(Event::Plan(plan));
         let tokenizer =
             crate::sample::pipeline::tokenizer_for(&config.model.checkpoint, files.family)
@@ -241,6 +257,7 @@ impl<'a> Trainer<'a> {
             started_at: SystemTime::now(),
             step_times: VecDeque::new(),
             stopping: false,
+            loss_log,
             epoch_batches: (u64::MAX, Vec::new()),
             #[cfg(feature = "cuda")]
             graphs: Vec::new(),
@@ -273,6 +290,7 @@ impl<'a> Trainer<'a> {
         });
         let first = self.counters.step;
         let stop_at = options.stop_after.map(|n| first + n);
+        self.sample_baseline()?;
         let mut bad_steps = 0;
         while self.counters.step < self.total_steps {
             if self.handle_commands()? || stop_at.is_some_and(|s| self.counters.step >= s) {
@@ -308,7 +326,21 @@ impl<'a> Trainer<'a> {
             bad_steps = 0;
             self.counters.step += 1;
             self.record_time(started.elapsed().as_secs_f64());
-            self.emit(Event::Progress(self.stats(loss)));
+            let stats = self.stats(loss);
+            if let Some(log) = &mut self.loss_log {
+                let point = LossPoint {
+                    step: stats.step,
+                    loss,
+                    lr: stats.lr,
+                };
+                if let Err(e) = log.append(point) {
+                    self.loss_log = None;
+                    self.emit(Event::Warning {
+                        message: format!("the loss curve is no longer saved: {e}"),
+                    });
+                }
+            }
+            self.emit(Event::Progress(stats));
             self.after_step()?;
         }
         self.finish()
@@ -664,6 +696,78 @@ impl<'a> Trainer<'a> {
 
     /// Generates every sample prompt with the current adapter and writes the images.
     fn sample(&mut self) -> Result<(), Failure> {
+        self.draw_prompts(false)
+    }
+
+    /// The sample prompts drawn without the LoRA (its adapters at weight 0, before the first step while the
+    /// UNet is on the device anyway, so the peak is not raised), for the Samples grid's "without LoRA" column.
+    /// A resumed run whose folder has them with the same settings sends those instead of drawing them again.
+    fn sample_baseline(&mut self) -> Result<(), Failure> {
+        let prompts = self.config.sampling.prompts.clone();
+        if prompts.is_empty() {
+            return Ok(());
+        }
+        let saved: Option<Vec<(SampleInfo, image::RgbImage)>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let path = self.out.baseline_sample(i);
+                let info = super::record::read_info(&path)
+                    .filter(|info| *info == self.sample_info(i, p, true))?;
+                Some((info, image::open(&path).ok()?.into_rgb8()))
+            })
+            .collect();
+        if let Some(saved) = saved.filter(|s| !s.is_empty()) {
+            for (info, image) in saved {
+                self.emit(Event::Sample {
+                    path: self.out.baseline_sample(info.prompt_index),
+                    info,
+                    image: std::sync::Arc::new(image),
+                });
+            }
+            return Ok(());
+        }
+        self.set_adapter_weight(0.0)?;
+        let drawn = self.draw_prompts(true);
+        self.set_adapter_weight(1.0)?;
+        drawn
+    }
+
+    fn set_adapter_weight(&mut self, weight: f64) -> Result<(), Failure> {
+        let layers = self.unet.layers_mut().map_err(|e| {
+            Failure::from_error("making the samples without the LoRA", e, &self.config)
+        })?;
+        for a in layers.into_iter().flat_map(|l| l.adapters.iter_mut()) {
+            a.multiplier = weight;
+        }
+        Ok(())
+    }
+
+    fn sample_info(
+        &self,
+        index: usize,
+        p: &super::config::SamplePrompt,
+        baseline: bool,
+    ) -> SampleInfo {
+        SampleInfo {
+            step: if baseline { 0 } else { self.counters.step },
+            prompt_index: index,
+            prompt: p.prompt.clone(),
+            negative: p.negative.clone(),
+            seed: p.seed,
+            sampler: PREVIEW_SAMPLER,
+            steps: p.steps,
+            cfg: p.cfg,
+            width: p.width,
+            height: p.height,
+            lora_weight: if baseline { 0.0 } else { 1.0 },
+            baseline,
+        }
+    }
+
+    /// Draws every sample prompt with the adapters as they are and writes the images with their settings.
+    /// The baseline keeps the text contexts made before training (the text encoder without the LoRA).
+    fn draw_prompts(&mut self, baseline: bool) -> Result<(), Failure> {
         let prompts = self.config.sampling.prompts.clone();
         if prompts.is_empty() {
             return Ok(());
@@ -688,7 +792,7 @@ impl<'a> Trainer<'a> {
         )
         .map_err(|e| self.failure("loading the VAE for samples", e))?;
         let f = self.files.vae_config.downsample_factor();
-        if let TextSource::Trained(encoder) = &self.text {
+        if let (TextSource::Trained(encoder), false) = (&self.text, baseline) {
             let contexts = prompt_contexts(&self.inputs(), encoder)
                 .map_err(|e| self.failure("encoding the sample prompts", e))?;
             self.sample_contexts = contexts;
@@ -697,12 +801,16 @@ impl<'a> Trainer<'a> {
             let image = self
                 .sample_one(&vae, vae_dtype, i, p, f)
                 .map_err(|e| self.failure("making a sample", e))?;
-            let path = self.out.sample(self.counters.step, i);
-            write_png(&path, &image).map_err(|e| self.failure("saving a sample", e))?;
+            let info = self.sample_info(i, p, baseline);
+            let path = if baseline {
+                self.out.baseline_sample(i)
+            } else {
+                self.out.sample(self.counters.step, i)
+            };
+            super::record::write_sample(&path, &image, &info)
+                .map_err(|e| self.failure("saving a sample", e))?;
             self.emit(Event::Sample {
-                step: self.counters.step,
-                prompt_index: i,
-                prompt: p.prompt.clone(),
+                info,
                 path,
                 image: std::sync::Arc::new(image),
             });
@@ -746,7 +854,7 @@ impl<'a> Trainer<'a> {
         let noise = initial_noise(p.seed, shape, &self.device)?;
         let (uncond, cond) = &self.sample_contexts[index];
         let config = SampleConfig {
-            sampler: Sampler::Euler,
+            sampler: PREVIEW_SAMPLER,
             steps: p.steps as usize,
             cfg: p.cfg,
             prediction: self.files.prediction,
@@ -1165,15 +1273,4 @@ fn randn(rng: &mut ChaCha8Rng, dims: &[usize], device: &Device) -> candle_core::
     let n: usize = dims.iter().product();
     let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
     Tensor::from_vec(v, dims, device)
-}
-
-fn write_png(path: &std::path::Path, image: &image::RgbImage) -> std::io::Result<()> {
-    let mut bytes = Vec::new();
-    image
-        .write_to(
-            &mut std::io::Cursor::new(&mut bytes),
-            image::ImageFormat::Png,
-        )
-        .map_err(std::io::Error::other)?;
-    crate::fsutil::write_atomic(path, &bytes)
 }
