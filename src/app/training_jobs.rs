@@ -50,7 +50,7 @@ pub enum JobEvent {
     /// The run saved in the output folder of the config checked with `generation`, if one can go on.
     Resumable {
         generation: u64,
-        found: Option<Resumable>,
+        found: Option<Box<Resumable>>,
     },
     Device(DeviceInfo),
     Picked {
@@ -101,7 +101,7 @@ impl Jobs {
     pub fn resumable(&self, generation: u64, config: TrainConfig) {
         self.spawn("resume-check", move || JobEvent::Resumable {
             generation,
-            found: Resumable::find(&config),
+            found: Resumable::find(&config).map(Box::new),
         });
     }
 

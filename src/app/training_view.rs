@@ -293,7 +293,7 @@ impl TrainingView {
                 JobEvent::Resumable { generation, found }
                     if generation == self.resumable_generation =>
                 {
-                    self.resumable = found;
+                    self.resumable = found.map(|b| *b);
                 }
                 JobEvent::Model { .. } | JobEvent::Plan { .. } | JobEvent::Resumable { .. } => {}
                 JobEvent::Device(d) => self.device = Some(d),
