@@ -198,10 +198,14 @@ fn the_whole_training_journey() {
     snap(&mut h, "samples_grid");
     h.get_by_label("Copy path 1").click();
     h.step();
-    let copied = h.output().platform_output.commands.iter().any(
+    let commands = h.output().platform_output.commands.clone();
+    let copied = commands.iter().any(
         |c| matches!(c, egui::OutputCommand::CopyText(t) if t.ends_with("gui-test.safetensors")),
     );
-    assert!(copied, "Copy path puts the LoRA's path on the clipboard");
+    assert!(
+        copied,
+        "Copy path puts the LoRA's path on the clipboard: {commands:?}"
+    );
     h.run_steps(2);
     h.get_by_label("Sample step 6 prompt 1").click();
     h.run_steps(4);

@@ -55,6 +55,18 @@ fn a_run_saves_samples_and_changes_every_adapter_parameter() {
         })
         .collect();
     assert_eq!(steps, (1..=8).collect::<Vec<_>>());
+    let drawn: Vec<(u64, bool)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Sample { info, .. } => Some((info.step, info.baseline)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        drawn,
+        [(0, true), (4, false), (8, false)],
+        "the baseline without the LoRA, then samples at steps 4 and 8"
+    );
     let samples: Vec<&PathBuf> = events
         .iter()
         .filter_map(|e| match e {
@@ -62,7 +74,6 @@ fn a_run_saves_samples_and_changes_every_adapter_parameter() {
             _ => None,
         })
         .collect();
-    assert_eq!(samples.len(), 2, "samples at steps 4 and 8");
     assert!(
         samples
             .iter()

@@ -466,7 +466,9 @@ fn saved_files(ui: &mut Ui, run: &Shown<'_>) {
             egui::Grid::new("saved-grid").striped(true).show(ui, |ui| {
                 for (i, (label, path)) in run.loras.iter().enumerate().rev() {
                     ui.label(label);
-                    ui.monospace(path.display().to_string());
+                    let name = path.file_name().map(|n| n.to_string_lossy());
+                    ui.monospace(name.unwrap_or_default())
+                        .on_hover_text(path.display().to_string());
                     let r = ui.small_button("Copy path");
                     super::widgets::name_widget(
                         &r,

@@ -198,16 +198,7 @@ impl<'a> Trainer<'a> {
             plan.start_step = state::saved(dir).map_or(0, |(c, _)| c.step);
         }
         let total_steps = plan.total_steps;
-        let loss_log = LossLog::open(&out.loss_log(), plan.start_step)
-            .map_err(|e| {
-                link.emit(Event::Warning {
-                    message: format!(
-                        "the loss curve is not saved: cannot write {}: {e}",
-                        out.loss_log().display()
-                    ),
-                })
-            })
-            .ok();
+        let start_step = plan.start_step;
         link.emit(Event::Plan(plan));
         let tokenizer =
             crate::sample::pipeline::tokenizer_for(&config.model.checkpoint, files.family)
@@ -235,6 +226,17 @@ impl<'a> Trainer<'a> {
         let (text, sample_contexts) = inputs.prepare_text(&data, encoder)?;
         let (unet, trainable, opt, counters) =
             networks(&config, &files, dtype, &device, te_adapters, options)?;
+        // Opened once the resume state has loaded: a refused state leaves the curve as it was.
+        let loss_log = LossLog::open(&out.loss_log(), start_step)
+            .map_err(|e| {
+                link.emit(Event::Warning {
+                    message: format!(
+                        "the loss curve is not saved: cannot write {}: {e}",
+                        out.loss_log().display()
+                    ),
+                })
+            })
+            .ok();
         Ok(Trainer {
             link,
             loss_scale: LossScale::new(dtype),
@@ -734,9 +736,12 @@ impl<'a> Trainer<'a> {
     }
 
     fn set_adapter_weight(&mut self, weight: f64) -> Result<(), Failure> {
-        let layers = self.unet.layers_mut().map_err(|e| {
+        let mut layers = self.unet.layers_mut().map_err(|e| {
             Failure::from_error("making the samples without the LoRA", e, &self.config)
         })?;
+        if let TextSource::Trained(encoder) = &mut self.text {
+            layers.extend(encoder.layers_mut());
+        }
         for a in layers.into_iter().flat_map(|l| l.adapters.iter_mut()) {
             a.multiplier = weight;
         }
@@ -766,7 +771,6 @@ impl<'a> Trainer<'a> {
     }
 
     /// Draws every sample prompt with the adapters as they are and writes the images with their settings.
-    /// The baseline keeps the text contexts made before training (the text encoder without the LoRA).
     fn draw_prompts(&mut self, baseline: bool) -> Result<(), Failure> {
         let prompts = self.config.sampling.prompts.clone();
         if prompts.is_empty() {
@@ -792,7 +796,8 @@ impl<'a> Trainer<'a> {
         )
         .map_err(|e| self.failure("loading the VAE for samples", e))?;
         let f = self.files.vae_config.downsample_factor();
-        if let (TextSource::Trained(encoder), false) = (&self.text, baseline) {
+        // A trained encoder's adapters are off for the baseline, so the same call gives the base model's contexts.
+        if let TextSource::Trained(encoder) = &self.text {
             let contexts = prompt_contexts(&self.inputs(), encoder)
                 .map_err(|e| self.failure("encoding the sample prompts", e))?;
             self.sample_contexts = contexts;
