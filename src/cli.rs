@@ -4,6 +4,7 @@ use crate::dataset::edit::{BulkOp, apply_bulk};
 use crate::dataset::import::{hash_files, import};
 use crate::dataset::validate::{all_threads, inspect_all};
 use crate::dataset::{BucketConfig, Report, caption, scan};
+use crate::schema;
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -46,16 +47,16 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct BucketArgs {
     /// Base training resolution (512, 768, 1024 …).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = schema::flag::<u32>(&schema::RESOLUTION))]
     pub resolution: u32,
     /// Smallest bucket side [default: resolution / 2].
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u32>(&schema::MIN_BUCKET_SIDE))]
     pub min_side: Option<u32>,
     /// Largest bucket side [default: resolution × 2].
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u32>(&schema::MAX_BUCKET_SIDE))]
     pub max_side: Option<u32>,
     /// Bucket sides are multiples of this.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = schema::flag::<u32>(&schema::BUCKET_STEP))]
     pub step: u32,
 }
 
@@ -80,7 +81,7 @@ pub enum DatasetCommand {
         dir: PathBuf,
         #[command(flatten)]
         buckets: BucketArgs,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = schema::flag::<u32>(&schema::BATCH_SIZE))]
         batch_size: u32,
         /// Print one JSON object instead of text.
         #[arg(long)]

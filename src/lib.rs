@@ -9,5 +9,6 @@ pub mod fsutil;
 pub mod lora;
 pub mod model;
 pub mod sample;
+pub mod schema;
 pub mod train;
 pub mod words;

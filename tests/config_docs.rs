@@ -43,3 +43,15 @@ fn every_config_key_is_documented() {
     assert!(all.len() > 40, "only {} keys found", all.len());
     assert!(missing.is_empty(), "not in docs/CONFIG.md: {missing:?}");
 }
+
+/// The ranges the config is checked against are the ones docs/CONFIG.md states (both come from the schema).
+#[test]
+fn the_admitted_values_table_is_the_schema() {
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/CONFIG.md")).unwrap();
+    let table = lora_studio::schema::markdown_table();
+    assert!(
+        docs.contains(&table),
+        "docs/CONFIG.md must hold this table under \"Admitted values\":\n{table}"
+    );
+}

@@ -2,7 +2,10 @@
 //! field says what it does and its usual range on hover. The form edits a `TrainConfig` in place and reports
 //! whether anything changed (the caller validates and recomputes the plan).
 
-use super::widgets::{FormErrors, FormNumber, form_check, form_combo, form_number, number_field};
+use super::widgets::{
+    FormErrors, FormNumber, form_check, form_combo, form_number, number_field, with_bound,
+};
+use crate::schema::{self, Field};
 use crate::train::config::{Precision, Prediction, SamplePrompt, SaveDtype, Targets, TrainConfig};
 use crate::train::lr::LrSchedule;
 use crate::train::optim::OptimizerKind;
@@ -55,24 +58,22 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool
     changed |= group(ui, "form-network", |ui| {
         let mut ch = form_number(
             ui,
-            "Rank",
+            &schema::RANK,
             "Size of each adapter: more rank learns more detail and makes a bigger file. Usually 4-64 (16 is \
              a good start).",
             &mut c.network.rank,
-            1..=1024,
             errors,
         );
         ch |= form_number(
             ui,
-            "Alpha",
+            &schema::ALPHA,
             "Scales the adapter's effect by alpha / rank. Usually equal to the rank or half of it.",
             &mut c.network.alpha,
-            0.01..=1024.0,
             errors,
         );
         ch |= form_combo(
             ui,
-            "Layers",
+            schema::TARGETS.label,
             "Which layers get adapters. Attention + feed-forward is kohya's default; All adds LoCon on the \
              convolutions (more capacity, more memory).",
             &mut c.network.targets,
@@ -85,33 +86,31 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool
     changed |= group(ui, "form-optimizer", |ui| {
         let mut ch = form_combo(
             ui,
-            "Optimizer",
+            schema::OPTIMIZER.label,
             "AdamW is the usual choice; Adafactor keeps less state (less memory).",
             &mut c.optimizer.kind,
             &OPTIMIZERS,
         );
         ch |= form_number(
             ui,
-            "Learning rate",
+            &schema::LR,
             "How big each update is. Usually 1e-4 for SD 1.5 LoRA (5e-5 to 5e-4); too high gives burnt, noisy \
              images.",
             &mut c.optimizer.lr,
-            1e-8..=0.999,
             errors,
         );
         ch |= form_combo(
             ui,
-            "LR schedule",
+            schema::SCHEDULE.label,
             "How the learning rate changes over the run: constant, or falling linearly or along a cosine.",
             &mut c.optimizer.schedule,
             &SCHEDULES,
         );
         ch |= form_number(
             ui,
-            "Warmup steps",
+            &schema::WARMUP_STEPS,
             "Steps over which the learning rate rises from 0. Usually 0-10% of the steps.",
             &mut c.optimizer.warmup_steps,
-            0..=100_000,
             errors,
         );
         ch
@@ -121,26 +120,23 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool
     changed |= group(ui, "form-schedule", |ui| {
         let mut ch = form_number(
             ui,
-            "Steps",
+            &schema::STEPS,
             "Total optimizer steps. 0 lets Epochs decide. Usually 1000-3000 for a character or style.",
             &mut c.training.steps,
-            0..=1_000_000,
             errors,
         );
         ch |= form_number(
             ui,
-            "Epochs",
+            &schema::EPOCHS,
             "Passes over the dataset (repeats included); used when Steps is 0.",
             &mut c.training.epochs,
-            0..=10_000,
             errors,
         );
         ch |= form_number(
             ui,
-            "Batch size",
+            &schema::BATCH_SIZE,
             "Images per step. More is smoother but needs more memory. Usually 1-4.",
             &mut c.training.batch_size,
-            1..=64,
             errors,
         );
         ch
@@ -150,21 +146,20 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool
     changed |= group(ui, "form-dataset", |ui| {
         let mut ch = form_number(
             ui,
-            "Resolution",
+            &schema::RESOLUTION,
             "Base training resolution in pixels (a multiple of 8): 512 for SD 1.5, 768 for SD 2.x-v.",
             &mut c.dataset.resolution,
-            64..=4096,
             errors,
         );
         ch |= form_check(
             ui,
-            "Aspect-ratio buckets",
+            schema::BUCKETING.label,
             "Train each image near its own aspect ratio instead of cropping it to a square.",
             &mut c.dataset.bucketing,
         );
         ch |= form_check(
             ui,
-            "Mirror images",
+            schema::FLIP.label,
             "Also train on left-right mirrored images. Off for subjects that are not symmetric (text, logos).",
             &mut c.dataset.flip,
         );
@@ -175,18 +170,16 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool
     changed |= group(ui, "form-saving", |ui| {
         let mut ch = form_number(
             ui,
-            "Save every N steps",
+            &schema::SAVE_EVERY_N_STEPS,
             "Write an intermediate LoRA every N steps (0 = only at the end). Usually every 10-25% of the run.",
             &mut c.saving.every_n_steps,
-            0..=1_000_000,
             errors,
         );
         ch |= form_number(
             ui,
-            "Keep last",
+            &schema::KEEP_LAST,
             "Keep only the newest K intermediate saves (0 = keep all).",
             &mut c.saving.keep_last,
-            0..=1000,
             errors,
         );
         ch
@@ -199,216 +192,194 @@ pub fn advanced(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bo
     group(ui, "form-advanced", |ui| {
         let mut ch = form_combo(
             ui,
-            "Prediction",
+            schema::PREDICTION.label,
             "What the model predicts. Leave it to the checkpoint unless detection is wrong.",
             &mut c.model.prediction,
             &PREDICTIONS,
         );
         ch |= form_number(
             ui,
-            "CLIP skip",
+            &schema::CLIP_SKIP,
             "1 = the text encoder's last layer; 2 = the penultimate (common for anime models).",
             &mut c.model.clip_skip,
-            0..=12,
             errors,
         );
         ch |= form_number(
             ui,
-            "Conv rank",
+            &schema::CONV_RANK,
             "Rank of the LoCon convolution adapters (Layers = All). Usually 4-16.",
             &mut c.network.conv_rank,
-            1..=1024,
             errors,
         );
         ch |= form_number(
             ui,
-            "Conv alpha",
+            &schema::CONV_ALPHA,
             "Alpha of the LoCon convolution adapters. Usually half the conv rank.",
             &mut c.network.conv_alpha,
-            0.01..=1024.0,
             errors,
         );
         ch |= form_number(
             ui,
-            "Network dropout",
+            &schema::NETWORK_DROPOUT,
             "Dropout inside each adapter while training (kohya's network_dropout), against overfitting. Usually 0-0.1.",
             &mut c.network.dropout,
-            0.0..=0.85,
             errors,
         );
         ch |= form_number(
             ui,
-            "Text encoder LR",
+            &schema::LR_TEXT_ENCODER,
             "Learning rate of the text-encoder adapters (when trained). Usually half the UNet's.",
             &mut c.optimizer.lr_text_encoder,
-            0.0..=0.999,
             errors,
         );
         ch |= form_check(
             ui,
-            "Train the text encoder",
+            schema::TRAIN_TEXT_ENCODER.label,
             "Also put adapters on the text encoder: learns new words better, costs memory.",
             &mut c.training.train_text_encoder,
         );
         ch |= form_number(
             ui,
-            "Restarts",
+            &schema::RESTARTS,
             "Cycles of the cosine-with-restarts schedule. Usually 1-4.",
             &mut c.optimizer.restarts,
-            1..=100,
             errors,
         );
         ch |= form_number(
             ui,
-            "Max gradient norm",
+            &schema::MAX_GRAD_NORM,
             "Clip the gradient norm to this (0 = off). Usually 1.",
             &mut c.optimizer.max_grad_norm,
-            0.0..=100.0,
             errors,
         );
         ch |= form_number(
             ui,
-            "Gradient accumulation",
+            &schema::GRADIENT_ACCUMULATION,
             "Sum gradients over this many batches per update: a bigger effective batch without more memory.",
             &mut c.optimizer.gradient_accumulation,
-            1..=256,
             errors,
         );
         ch |= form_number(
             ui,
-            "Beta 1",
+            &schema::BETA1,
             "AdamW's first-moment decay. Usually 0.9.",
             &mut c.optimizer.params.beta1,
-            0.0..=0.9999,
             errors,
         );
         ch |= form_number(
             ui,
-            "Beta 2",
+            &schema::BETA2,
             "AdamW's second-moment decay. Usually 0.999.",
             &mut c.optimizer.params.beta2,
-            0.0..=0.99999,
             errors,
         );
         ch |= form_number(
             ui,
-            "Epsilon",
+            &schema::EPS,
             "AdamW's epsilon. Usually 1e-8.",
             &mut c.optimizer.params.eps,
-            0.0..=1.0,
             errors,
         );
         ch |= form_number(
             ui,
-            "Weight decay",
+            &schema::WEIGHT_DECAY,
             "Pulls the weights toward zero. Usually 0-0.1.",
             &mut c.optimizer.params.weight_decay,
-            0.0..=1.0,
             errors,
         );
         ch |= form_number(
             ui,
-            "Seed",
+            &schema::SEED,
             "Seeds the noise, timesteps and data order: the same seed repeats a run exactly.",
             &mut c.training.seed,
-            0..=u64::MAX,
             errors,
         );
         ch |= form_combo(
             ui,
-            "Precision",
+            schema::PRECISION.label,
             "Compute precision on the GPU. Auto: bf16 where supported, else fp16. The CPU always uses fp32.",
             &mut c.training.precision,
             &PRECISIONS,
         );
         ch |= form_check(
             ui,
-            "Recompute (gradient checkpointing)",
+            schema::RECOMPUTE.label,
             "Recompute blocks in the backward pass: much less memory, steps about a third slower. On for \
              6-8 GB cards.",
             &mut c.training.recompute,
         );
         ch |= form_number(
             ui,
-            "Noise offset",
+            &schema::NOISE_OFFSET,
             "Helps the model learn very dark or bright images. Usually 0-0.1.",
             &mut c.training.noise_offset,
-            0.0..=1.0,
             errors,
         );
         ch |= form_number(
             ui,
-            "Min-SNR gamma",
+            &schema::MIN_SNR_GAMMA,
             "Min-SNR loss weighting (0 = off). 5 is the usual value; it steadies training.",
             &mut c.training.min_snr_gamma,
-            0.0..=20.0,
             errors,
         );
         ch |= form_number(
             ui,
-            "Min bucket side",
+            &schema::MIN_BUCKET_SIDE,
             "Smallest bucket side in pixels. Usually 256.",
             &mut c.dataset.min_bucket_side,
-            32..=4096,
             errors,
         );
         ch |= form_number(
             ui,
-            "Max bucket side",
+            &schema::MAX_BUCKET_SIDE,
             "Largest bucket side in pixels. Lower it to save memory (e.g. to the resolution).",
             &mut c.dataset.max_bucket_side,
-            32..=8192,
             errors,
         );
         ch |= form_number(
             ui,
-            "Bucket step",
+            &schema::BUCKET_STEP,
             "Bucket sides are multiples of this. Usually 64.",
             &mut c.dataset.bucket_step,
-            8..=512,
             errors,
         );
         ch |= form_check(
             ui,
-            "Shuffle caption tags",
+            schema::SHUFFLE_CAPTION.label,
             "Shuffle the comma-separated tags each time a caption is used (the first Keep tokens stay).",
             &mut c.dataset.shuffle_caption,
         );
         ch |= form_number(
             ui,
-            "Keep tokens",
+            &schema::KEEP_TOKENS,
             "Tags at the front that shuffling and tag dropout leave in place (the trigger word). Usually 1.",
             &mut c.dataset.keep_tokens,
-            0..=100,
             errors,
         );
         ch |= form_number(
             ui,
-            "Caption dropout",
+            &schema::CAPTION_DROPOUT,
             "Probability of training an image with an empty caption. Usually 0-0.1.",
             &mut c.dataset.caption_dropout,
-            0.0..=1.0,
             errors,
         );
         ch |= form_number(
             ui,
-            "Tag dropout",
+            &schema::TAG_DROPOUT,
             "Probability of dropping each tag. Usually 0-0.1.",
             &mut c.dataset.tag_dropout,
-            0.0..=1.0,
             errors,
         );
         ch |= form_number(
             ui,
-            "Save every N epochs",
+            &schema::SAVE_EVERY_N_EPOCHS,
             "Write an intermediate LoRA every N epochs (0 = off).",
             &mut c.saving.every_n_epochs,
-            0..=10_000,
             errors,
         );
         ch |= form_combo(
             ui,
-            "Saved precision",
+            schema::SAVE_DTYPE.label,
             "Tensor precision of the saved LoRA: fp16 (usual), bf16 or fp32.",
             &mut c.saving.dtype,
             &SAVE_DTYPES,
@@ -424,10 +395,9 @@ pub fn sampling(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bo
     changed |= group(ui, "form-sampling", |ui| {
         form_number(
             ui,
-            "Sample every N steps",
+            &schema::SAMPLE_EVERY_N_STEPS,
             "Generate the sample prompts with the adapter every N steps (0 = off). Usually as often as saves.",
             &mut c.sampling.every_n_steps,
-            0..=1_000_000,
             errors,
         )
     });
@@ -461,42 +431,37 @@ pub fn sampling(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bo
                 let row = i + 1;
                 changed |= prompt_number(
                     ui,
-                    (row, "Seed"),
+                    (row, &schema::PROMPT_SEED),
                     "The same seed gives comparable samples across steps.",
                     &mut p.seed,
-                    0..=u64::MAX,
                     errors,
                 );
                 changed |= prompt_number(
                     ui,
-                    (row, "Width"),
+                    (row, &schema::PROMPT_WIDTH),
                     "Sample width in pixels (a multiple of 8; usually the resolution).",
                     &mut p.width,
-                    8..=2048,
                     errors,
                 );
                 changed |= prompt_number(
                     ui,
-                    (row, "Height"),
+                    (row, &schema::PROMPT_HEIGHT),
                     "Sample height in pixels (a multiple of 8).",
                     &mut p.height,
-                    8..=2048,
                     errors,
                 );
                 changed |= prompt_number(
                     ui,
-                    (row, "Sampling steps"),
+                    (row, &schema::PROMPT_STEPS),
                     "Denoising steps per sample. Usually 20-30.",
                     &mut p.steps,
-                    1..=150,
                     errors,
                 );
                 changed |= prompt_number(
                     ui,
-                    (row, "CFG"),
+                    (row, &schema::PROMPT_CFG),
                     "Classifier-free guidance: how strictly the prompt is followed. Usually 5-8.",
                     &mut p.cfg,
-                    1.0..=30.0,
                     errors,
                 );
             });
@@ -524,68 +489,25 @@ pub fn sampling(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bo
     changed
 }
 
-/// A number of sample prompt `row`: shown as `name` beside its field, reported as "Prompt 2 width".
+/// A number of sample prompt `row`: shown as its field's label beside it, reported as "Prompt 2 width".
 fn prompt_number<N: FormNumber>(
     ui: &mut Ui,
-    (row, name): (usize, &str),
+    (row, field): (usize, &Field),
     tip: &str,
     value: &mut N,
-    range: std::ops::RangeInclusive<N>,
     errors: &mut FormErrors,
 ) -> bool {
-    let l = ui.label(name);
-    let label = format!("Prompt {row} {}", name.to_lowercase());
-    number_field(ui, &label, value, range, errors, 64.0)
+    let l = ui.label(field.label);
+    let label = prompt_label(row, field);
+    number_field(ui, &label, value, field.bound(), errors, 64.0)
         .labelled_by(l.id)
-        .on_hover_text(tip)
+        .on_hover_text(with_bound(tip, field))
         .changed()
 }
 
-/// The label on screen of each config key the form edits, so that messages from the engine (which name keys,
-/// as the CLI and config files need) name what the user sees.
-const LABELS: [(&str, &str); 41] = [
-    ("network.rank", "Rank"),
-    ("network.alpha", "Alpha"),
-    ("network.targets", "Layers"),
-    ("network.conv_rank", "Conv rank"),
-    ("network.conv_alpha", "Conv alpha"),
-    ("network.dropout", "Network dropout"),
-    ("optimizer.kind", "Optimizer"),
-    ("optimizer.lr", "Learning rate"),
-    ("optimizer.lr_text_encoder", "Text encoder LR"),
-    ("optimizer.schedule", "LR schedule"),
-    ("optimizer.warmup_steps", "Warmup steps"),
-    ("optimizer.restarts", "Restarts"),
-    ("optimizer.max_grad_norm", "Max gradient norm"),
-    ("optimizer.gradient_accumulation", "Gradient accumulation"),
-    ("optimizer.params.beta1", "Beta 1"),
-    ("optimizer.params.beta2", "Beta 2"),
-    ("optimizer.params.eps", "Epsilon"),
-    ("optimizer.params.weight_decay", "Weight decay"),
-    ("training.steps", "Steps"),
-    ("training.epochs", "Epochs"),
-    ("training.batch_size", "Batch size"),
-    ("training.seed", "Seed"),
-    ("training.precision", "Precision"),
-    ("training.recompute", "Recompute (gradient checkpointing)"),
-    ("training.noise_offset", "Noise offset"),
-    ("training.min_snr_gamma", "Min-SNR gamma"),
-    ("training.train_text_encoder", "Train the text encoder"),
-    ("dataset.resolution", "Resolution"),
-    ("dataset.bucketing", "Aspect-ratio buckets"),
-    ("dataset.flip", "Mirror images"),
-    ("dataset.min_bucket_side", "Min bucket side"),
-    ("dataset.max_bucket_side", "Max bucket side"),
-    ("dataset.bucket_step", "Bucket step"),
-    ("dataset.shuffle_caption", "Shuffle caption tags"),
-    ("dataset.keep_tokens", "Keep tokens"),
-    ("dataset.caption_dropout", "Caption dropout"),
-    ("dataset.tag_dropout", "Tag dropout"),
-    ("saving.every_n_steps", "Save every N steps"),
-    ("saving.every_n_epochs", "Save every N epochs"),
-    ("saving.output_name", "Output name"),
-    ("saving.dtype", "Saved precision"),
-];
+fn prompt_label(row: usize, field: &Field) -> String {
+    format!("Prompt {row} {}", field.label.to_lowercase())
+}
 
 /// `message` with each `` `key` `` it names replaced by the field's label on screen ("Batch size"), and each
 /// sample prompt key by its row ("Prompt 2 width").
@@ -609,18 +531,14 @@ pub fn on_screen(message: &str) -> String {
 }
 
 fn label_of(key: &str) -> Option<String> {
-    if let Some(label) = LABELS.iter().find(|(k, _)| *k == key).map(|(_, l)| l) {
-        return Some((*label).to_owned());
+    let field = schema::field(key)?;
+    match key.strip_prefix("sampling.prompts[") {
+        Some(rest) => {
+            let row = rest.split_once(']')?.0.parse::<usize>().ok()? + 1;
+            Some(prompt_label(row, field))
+        }
+        None => Some(field.label.to_owned()),
     }
-    let rest = key.strip_prefix("sampling.prompts[")?;
-    let (index, field) = rest.split_once("].")?;
-    let row = index.parse::<usize>().ok()? + 1;
-    let name = match field {
-        "steps" => "sampling steps",
-        "cfg" => "cfg",
-        other => other,
-    };
-    Some(format!("Prompt {row} {name}"))
 }
 
 #[cfg(test)]

@@ -431,13 +431,15 @@ impl TryLora {
                 ui,
                 "Try width",
                 "Image width in pixels (a multiple of 8).",
-                egui::DragValue::new(&mut s.width).range(8..=2048).speed(8),
+                egui::DragValue::new(&mut s.width).range(32..=2048).speed(8),
             );
             drag(
                 ui,
                 "Try height",
                 "Image height in pixels (a multiple of 8).",
-                egui::DragValue::new(&mut s.height).range(8..=2048).speed(8),
+                egui::DragValue::new(&mut s.height)
+                    .range(32..=2048)
+                    .speed(8),
             );
         });
     }

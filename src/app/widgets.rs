@@ -1,6 +1,7 @@
 //! Small widgets shared by the panels. Every input gets an accessible label, so tests (and screen readers)
 //! find it by name.
 
+use crate::schema::{Bound, Field, Number};
 use egui::{Response, TextEdit, Ui};
 
 /// Gives a widget an accessible name of its own (when its visible text is not unique, e.g. a row's button).
@@ -43,29 +44,19 @@ pub fn labeled_drag<N: egui::emath::Numeric>(
 }
 
 /// A number the form edits as text.
-pub trait FormNumber: Copy + PartialOrd + std::str::FromStr + std::fmt::Display {
-    /// "a whole number" or "a number", for messages.
-    const KIND: &'static str;
+pub trait FormNumber: Copy + PartialEq + std::str::FromStr + Into<Number> {
     /// How the value is written into its field.
-    fn show(self) -> String {
-        self.to_string()
-    }
+    fn show(self) -> String;
 }
 
 macro_rules! whole_numbers {
-    ($($t:ty),*) => {$(impl FormNumber for $t { const KIND: &'static str = "a whole number"; })*};
+    ($($t:ty),*) => {$(impl FormNumber for $t { fn show(self) -> String { self.to_string() } })*};
 }
 whole_numbers!(u32, u64, usize);
 
 impl FormNumber for f64 {
-    const KIND: &'static str = "a number";
     fn show(self) -> String {
-        // Learning rates and epsilons read best as 3e-4 and 1e-8.
-        if self != 0.0 && self.abs() < 1e-3 {
-            format!("{self:e}")
-        } else {
-            self.to_string()
-        }
+        crate::schema::show_real(self)
     }
 }
 
@@ -93,14 +84,14 @@ struct TypedNumber {
     shown: String,
 }
 
-/// A text field editing `value`: what the user types stays on screen, and a value that does not parse or lies
-/// outside `range` is reported in `errors` under `label` (and left out of `value`) instead of being corrected.
-/// Returns true when `value` changed.
+/// A text field editing `value`: what the user types stays on screen, and a value that does not parse or that
+/// `bound` does not admit is reported in `errors` under `label` (and left out of `value`) instead of being
+/// corrected. Returns true when `value` changed.
 pub fn number_field<N: FormNumber>(
     ui: &mut Ui,
     label: &str,
     value: &mut N,
-    range: std::ops::RangeInclusive<N>,
+    bound: Bound,
     errors: &mut FormErrors,
     width: f32,
 ) -> Response {
@@ -121,7 +112,7 @@ pub fn number_field<N: FormNumber>(
     let mut r = ui.add(edit);
     if r.changed() || !typed.text.trim().eq(current.as_str()) {
         match typed.text.trim().parse::<N>() {
-            Ok(n) if range.contains(&n) => {
+            Ok(n) if bound.admits(n.into()) => {
                 errors.0.remove(label);
                 if n != *value {
                     *value = n;
@@ -133,11 +124,9 @@ pub fn number_field<N: FormNumber>(
                 errors.0.insert(
                     label.to_owned(),
                     format!(
-                        "{label}: \"{}\" is not valid; enter {} from {} to {}.",
+                        "{label}: \"{}\" is not valid; enter {}.",
                         typed.text.trim(),
-                        N::KIND,
-                        range.start().show(),
-                        range.end().show()
+                        bound.describe()
                     ),
                 );
             }
@@ -152,22 +141,27 @@ pub fn number_field<N: FormNumber>(
     r
 }
 
-/// One row of a two-column `egui::Grid` form: the label (with the tooltip) and a number field named by it.
-/// Returns true when the value changed.
+/// One row of a two-column `egui::Grid` form: the field's label (with the tooltip, which adds what the field
+/// admits) and a number field named by it. Returns true when the value changed.
 pub fn form_number<N: FormNumber>(
     ui: &mut Ui,
-    label: &str,
+    field: &Field,
     tip: &str,
     value: &mut N,
-    range: std::ops::RangeInclusive<N>,
     errors: &mut FormErrors,
 ) -> bool {
-    let l = ui.label(label).on_hover_text(tip);
-    let r = number_field(ui, label, value, range, errors, 120.0)
+    let tip = with_bound(tip, field);
+    let l = ui.label(field.label).on_hover_text(&tip);
+    let r = number_field(ui, field.label, value, field.bound(), errors, 120.0)
         .labelled_by(l.id)
-        .on_hover_text(tip);
+        .on_hover_text(&tip);
     ui.end_row();
     r.changed()
+}
+
+/// `tip` followed by what `field` admits.
+pub fn with_bound(tip: &str, field: &Field) -> String {
+    format!("{tip}\nAllowed: {}.", field.bound().describe())
 }
 
 /// A form row with a checkbox (the label is the checkbox's own text).

@@ -2,6 +2,7 @@
 
 use crate::sample::Sampler;
 use crate::sample::pipeline::{ModelChoice, Request, draw};
+use crate::schema;
 use clap::Args;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -18,7 +19,7 @@ pub struct SampleArgs {
     #[arg(long = "lora", value_parser = parse_lora)]
     loras: Vec<(PathBuf, Option<f64>)>,
     /// The weight of each --lora given without its own `:WEIGHT`.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = schema::flag::<f64>(&schema::LORA_WEIGHT))]
     lora_weight: f64,
     /// Also draw the image without the LoRAs (same seed and settings) into this file, to compare.
     #[arg(long)]
@@ -30,26 +31,28 @@ pub struct SampleArgs {
     #[arg(long, default_value = "")]
     negative: String,
     /// Seeds the starting noise (and Euler a's noise): the same seed gives the same image.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = schema::flag::<u64>(&schema::PROMPT_SEED))]
     seed: u64,
     /// Sampling steps.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = schema::flag::<usize>(&schema::PROMPT_STEPS))]
     steps: usize,
     /// Classifier-free guidance scale.
-    #[arg(long, default_value_t = 7.0)]
+    #[arg(long, default_value_t = 7.0, value_parser = schema::flag::<f64>(&schema::PROMPT_CFG))]
     cfg: f64,
     /// ddim, euler or euler_a.
     #[arg(long, default_value = "euler_a")]
     sampler: Sampler,
-    #[arg(long, default_value_t = 512)]
+    /// Width in pixels, a multiple of 8.
+    #[arg(long, default_value_t = 512, value_parser = schema::flag::<usize>(&schema::PROMPT_WIDTH))]
     width: usize,
-    #[arg(long, default_value_t = 512)]
+    /// Height in pixels, a multiple of 8.
+    #[arg(long, default_value_t = 512, value_parser = schema::flag::<usize>(&schema::PROMPT_HEIGHT))]
     height: usize,
     /// What the model predicts, when the detection (shown on start) is wrong: epsilon or v.
     #[arg(long)]
     prediction: Option<crate::sample::Prediction>,
     /// 2 uses the text encoder's penultimate layer (common for anime models).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = schema::flag::<usize>(&schema::CLIP_SKIP))]
     clip_skip: usize,
     /// Start from the tensor `latents` [1, 4, H/8, W/8] in this safetensors file instead of seeded noise.
     #[arg(long)]
@@ -62,8 +65,12 @@ pub struct SampleArgs {
 /// `FILE` or `FILE:WEIGHT` (the suffix counts as a weight only if it is a number, so `C:\\x` stays a path).
 fn parse_lora(s: &str) -> Result<(PathBuf, Option<f64>), String> {
     if let Some((path, w)) = s.rsplit_once(':')
-        && let Ok(weight) = w.parse::<f64>()
+        && w.parse::<f64>().is_ok()
     {
+        let weight = schema::LORA_WEIGHT
+            .bound()
+            .parse(w)
+            .map_err(|e| format!("the weight after `:`: {e}"))?;
         return Ok((PathBuf::from(path), Some(weight)));
     }
     Ok((PathBuf::from(s), None))

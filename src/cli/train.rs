@@ -1,6 +1,7 @@
 //! `lora-studio train`: a training run from a config file, a preset, flags and `--set key=value`, shown as a
 //! progress bar or, with `--json`, as one JSON event per line. Ctrl-C stops as the GUI's Stop does: it saves.
 
+use crate::schema;
 use crate::train::config::TrainConfig;
 use crate::train::engine::{Engine, StartOptions};
 use crate::train::events::{Command, Event, Phase};
@@ -42,37 +43,37 @@ pub struct TrainArgs {
     #[arg(long)]
     name: Option<String>,
     /// Total optimizer steps (`training.steps`; 0 lets the epochs decide).
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u64>(&schema::STEPS))]
     steps: Option<u64>,
     /// Base training resolution in pixels, a multiple of 8 (`dataset.resolution`: 512 for SD 1.5).
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u32>(&schema::RESOLUTION))]
     resolution: Option<u32>,
     /// Images per step (`training.batch_size`; usually 1-4).
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u32>(&schema::BATCH_SIZE))]
     batch_size: Option<u32>,
     /// Adapter rank (`network.rank`; usually 4-64).
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u32>(&schema::RANK))]
     rank: Option<u32>,
     /// Adapter alpha, scaling its effect by alpha / rank (`network.alpha`).
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<f64>(&schema::ALPHA))]
     alpha: Option<f64>,
     /// Learning rate (`optimizer.lr`; usually 1e-4).
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<f64>(&schema::LR))]
     lr: Option<f64>,
     /// Seed of the noise, timesteps and data order (`training.seed`): the same seed repeats a run.
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u64>(&schema::SEED))]
     seed: Option<u64>,
     /// Save the LoRA and the state every N steps.
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u64>(&schema::SAVE_EVERY_N_STEPS))]
     save_every: Option<u64>,
     /// Make the sample prompts every N steps.
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u64>(&schema::SAMPLE_EVERY_N_STEPS))]
     sample_every: Option<u64>,
     /// A sample prompt (repeatable); replaces the config's prompts.
     #[arg(long)]
     sample_prompt: Vec<String>,
     /// Stop after N steps of this run, exactly as Ctrl-C or the GUI's Stop would (save, leave state/).
-    #[arg(long)]
+    #[arg(long, value_parser = schema::flag::<u64>(&schema::STEPS))]
     stop_after: Option<u64>,
 }
 
@@ -193,7 +194,11 @@ pub fn run(args: &TrainArgs) -> Result<ExitCode, String> {
         {
             Ok(e) => e,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                // The engine always ends with a terminal event; a thread that ended without one failed.
+                failed = true;
+                break;
+            }
         };
         failed |= matches!(event, Event::Failed { .. });
         let last = event.is_terminal();

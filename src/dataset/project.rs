@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub const PROJECT_FILE: &str = "lora-studio.toml";
+/// The most repeats a folder may have: enough for a handful of images among thousands, and small enough that
+/// an epoch (every image `repeats` times) stays a list in memory.
+pub const MAX_REPEATS: u64 = 10_000;
 const SCHEMA: u32 = 1;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -48,6 +51,17 @@ impl ProjectFile {
                 path.display()
             )
         })?;
+        if let Some((folder, n)) = file
+            .repeats
+            .iter()
+            .find(|(_, n)| !(1..=MAX_REPEATS).contains(&u64::from(**n)))
+        {
+            return Err(format!(
+                "{}: `repeats` of folder \"{folder}\" is {n}; it must be from 1 to {MAX_REPEATS}. Fix the \
+                 number in the file (or delete the line for 1 repeat).",
+                path.display()
+            ));
+        }
         if file.schema > SCHEMA {
             return Err(format!(
                 "{} was written by a newer lora-studio (schema {}); update the app to open it.",
@@ -72,7 +86,7 @@ impl ProjectFile {
     pub fn repeats_of(&self, folder: &str, folder_name: &str) -> Repeats {
         match kohya_repeats(folder_name) {
             Some(n) => Repeats {
-                count: n,
+                count: u32::try_from(n).unwrap_or(u32::MAX),
                 from_folder_name: true,
             },
             None => Repeats {
@@ -92,13 +106,14 @@ pub struct Repeats {
 }
 
 /// `10_cat` → 10. Folders like `2024_photos` are dates, not repeats, to kohya too: it takes any number, and so
-/// do we — but only when a name follows the underscore.
-pub fn kohya_repeats(folder_name: &str) -> Option<u32> {
+/// do we — but only when a name follows the underscore. Numbers too long for a u64 read as `u64::MAX`, so that
+/// the repeats limit refuses them rather than the name being taken for a plain folder.
+pub fn kohya_repeats(folder_name: &str) -> Option<u64> {
     let (num, rest) = folder_name.split_once('_')?;
     if rest.is_empty() || num.is_empty() || !num.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    num.parse().ok().filter(|n| *n > 0)
+    Some(num.parse().unwrap_or(u64::MAX)).filter(|n| *n > 0)
 }
 
 pub fn normalize_ext(ext: &str) -> String {

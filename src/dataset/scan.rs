@@ -63,6 +63,13 @@ pub enum ScanError {
     NotAFolder(PathBuf),
     #[error("{0}")]
     Project(String),
+    #[error(
+        "{}: the folder name asks for {repeats} repeats per epoch; at most {} are allowed. Rename the folder \
+         with a smaller number in front (10_name gives 10 repeats).",
+        folder.display(),
+        super::project::MAX_REPEATS
+    )]
+    TooManyRepeats { folder: PathBuf, repeats: u64 },
     #[error("the scan was cancelled")]
     Cancelled,
 }
@@ -102,6 +109,15 @@ pub fn scan(root: &Path, cancel: &AtomicBool) -> Result<Scan, ScanError> {
         entries.push(image_entry(root, entry.into_path(), &caption_ext));
     }
     let folders = folders_of(root, &project, &entries);
+    if let Some(f) = folders
+        .iter()
+        .find(|f| u64::from(f.repeats.count) > super::project::MAX_REPEATS)
+    {
+        return Err(ScanError::TooManyRepeats {
+            folder: root.join(&f.name),
+            repeats: u64::from(f.repeats.count),
+        });
+    }
     Ok(Scan {
         root: root.to_owned(),
         project,

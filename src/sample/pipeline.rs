@@ -31,6 +31,29 @@ pub struct Request {
     pub latents: Option<Tensor>,
 }
 
+impl Request {
+    /// The same ranges as the sample flags and the GUI's fields (`schema`), checked before any model loads, so
+    /// that no caller can ask for a sample the sampler cannot make; `loras` are (file, weight).
+    pub fn check(&self, loras: &[(PathBuf, f64)]) -> Result<(), String> {
+        use crate::schema::{self, Number};
+        let numbers = [
+            ("steps", &schema::PROMPT_STEPS, self.steps.into()),
+            ("cfg", &schema::PROMPT_CFG, self.cfg.into()),
+            ("width", &schema::PROMPT_WIDTH, self.width.into()),
+            ("height", &schema::PROMPT_HEIGHT, self.height.into()),
+            ("seed", &schema::PROMPT_SEED, self.seed.into()),
+        ];
+        for (key, field, value) in numbers {
+            field.check(key, value)?;
+        }
+        for (path, weight) in loras {
+            let key = format!("the weight of {}", path.display());
+            schema::LORA_WEIGHT.check(&key, Number::Real(*weight))?;
+        }
+        Ok(())
+    }
+}
+
 /// The model to draw with and how to read it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelChoice {
@@ -61,6 +84,7 @@ pub fn draw(
     device: &Device,
     progress: impl FnMut(usize, usize),
 ) -> Result<Drawn, String> {
+    req.check(loras)?;
     let dtype = if device.is_cpu() {
         DType::F32
     } else {

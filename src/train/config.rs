@@ -4,6 +4,7 @@
 
 use super::lr::LrSchedule;
 use super::optim::{OptimizerKind, OptimizerParams};
+use crate::schema::{self, Field, Number};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -48,7 +49,7 @@ pub enum Prediction {
     V,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// The base checkpoint: a single-file `.safetensors` or a diffusers folder.
@@ -56,8 +57,19 @@ pub struct ModelConfig {
     /// A VAE file that replaces the checkpoint's VAE.
     pub vae: Option<PathBuf>,
     pub prediction: Prediction,
-    /// 1 = the text encoder's last layer, 2 = the penultimate layer (common for anime models).
+    /// 1 = the text encoder's last layer, 2 = the penultimate layer (common for anime models); 0 reads as 1.
     pub clip_skip: u32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            checkpoint: PathBuf::new(),
+            vae: None,
+            prediction: Prediction::Auto,
+            clip_skip: 1,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -345,7 +357,77 @@ impl TrainConfig {
         toml::to_string_pretty(self).expect("config serializes")
     }
 
-    /// Range checks, each naming its key and the usual values.
+    /// Every number of the config with the key it is shown under (prompts with their index) and its field.
+    pub fn numbers(&self) -> Vec<(String, &'static Field, Number)> {
+        let (d, n, o, t, s) = (
+            &self.dataset,
+            &self.network,
+            &self.optimizer,
+            &self.training,
+            &self.saving,
+        );
+        let general: Vec<(&'static Field, Number)> = vec![
+            (&schema::CLIP_SKIP, self.model.clip_skip.into()),
+            (&schema::RESOLUTION, d.resolution.into()),
+            (&schema::MIN_BUCKET_SIDE, d.min_bucket_side.into()),
+            (&schema::MAX_BUCKET_SIDE, d.max_bucket_side.into()),
+            (&schema::BUCKET_STEP, d.bucket_step.into()),
+            (&schema::KEEP_TOKENS, d.keep_tokens.into()),
+            (&schema::CAPTION_DROPOUT, d.caption_dropout.into()),
+            (&schema::TAG_DROPOUT, d.tag_dropout.into()),
+            (&schema::RANK, n.rank.into()),
+            (&schema::ALPHA, n.alpha.into()),
+            (&schema::CONV_RANK, n.conv_rank.into()),
+            (&schema::CONV_ALPHA, n.conv_alpha.into()),
+            (&schema::NETWORK_DROPOUT, n.dropout.into()),
+            (&schema::BETA1, o.params.beta1.into()),
+            (&schema::BETA2, o.params.beta2.into()),
+            (&schema::EPS, o.params.eps.into()),
+            (&schema::WEIGHT_DECAY, o.params.weight_decay.into()),
+            (&schema::LR, o.lr.into()),
+            (&schema::LR_TEXT_ENCODER, o.lr_text_encoder.into()),
+            (&schema::WARMUP_STEPS, o.warmup_steps.into()),
+            (&schema::RESTARTS, o.restarts.into()),
+            (&schema::MAX_GRAD_NORM, o.max_grad_norm.into()),
+            (
+                &schema::GRADIENT_ACCUMULATION,
+                o.gradient_accumulation.into(),
+            ),
+            (&schema::BATCH_SIZE, t.batch_size.into()),
+            (&schema::STEPS, t.steps.into()),
+            (&schema::EPOCHS, t.epochs.into()),
+            (&schema::SEED, t.seed.into()),
+            (&schema::NOISE_OFFSET, t.noise_offset.into()),
+            (&schema::MIN_SNR_GAMMA, t.min_snr_gamma.into()),
+            (&schema::SAVE_EVERY_N_STEPS, s.every_n_steps.into()),
+            (&schema::SAVE_EVERY_N_EPOCHS, s.every_n_epochs.into()),
+            (&schema::KEEP_LAST, s.keep_last.into()),
+            (
+                &schema::SAMPLE_EVERY_N_STEPS,
+                self.sampling.every_n_steps.into(),
+            ),
+        ];
+        let mut numbers: Vec<_> = general
+            .into_iter()
+            .map(|(f, v)| (f.key.to_owned(), f, v))
+            .collect();
+        for (i, p) in self.sampling.prompts.iter().enumerate() {
+            for (f, v) in [
+                (&schema::PROMPT_SEED, p.seed.into()),
+                (&schema::PROMPT_WIDTH, p.width.into()),
+                (&schema::PROMPT_HEIGHT, p.height.into()),
+                (&schema::PROMPT_STEPS, p.steps.into()),
+                (&schema::PROMPT_CFG, p.cfg.into()),
+            ] {
+                let key = f.key.replace("[]", &format!("[{i}]"));
+                numbers.push((key, f, v));
+            }
+        }
+        numbers
+    }
+
+    /// Checks every number against its range (`schema`) and the rules between settings; the error names the
+    /// key, the value and what it must be.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |key: &str, why: &str| Err(ConfigError(format!("`{key}` {why}")));
         if self.schema > SCHEMA {
@@ -354,65 +436,22 @@ impl TrainConfig {
                 "is newer than this app understands; update lora-studio",
             );
         }
-        if !(32..=4096).contains(&self.dataset.resolution)
-            || !self.dataset.resolution.is_multiple_of(8)
-        {
-            return err(
-                "dataset.resolution",
-                "must be a multiple of 8 between 32 and 4096 (usually 512, 768 or 1024)",
-            );
+        for (key, field, value) in self.numbers() {
+            field.check(&key, value).map_err(ConfigError)?;
         }
-        for (i, p) in self.sampling.prompts.iter().enumerate() {
-            let key = |k: &str| format!("sampling.prompts[{i}].{k}");
-            for (k, side) in [("width", p.width), ("height", p.height)] {
-                if !(32..=2048).contains(&side) || !side.is_multiple_of(8) {
-                    return err(&key(k), "must be a multiple of 8 between 32 and 2048");
-                }
-            }
-            if !(1..=200).contains(&p.steps) {
-                return err(&key("steps"), "must be between 1 and 200 (usually 20–30)");
-            }
-            if !(0.0..=30.0).contains(&p.cfg) {
-                return err(&key("cfg"), "must be between 0 and 30 (usually 5–8)");
-            }
-        }
-        if self.network.rank == 0 || self.network.rank > 1024 {
-            return err("network.rank", "must be between 1 and 1024 (usually 4–64)");
-        }
-        if self.network.alpha <= 0.0 {
-            return err(
-                "network.alpha",
-                "must be above 0 (usually equal to or half the rank)",
-            );
-        }
-        if !(0.0..0.9).contains(&self.network.dropout) {
-            return err(
-                "network.dropout",
-                "must be at least 0 and below 0.9 (usually 0 or 0.1)",
-            );
-        }
-        if !(self.optimizer.lr > 0.0 && self.optimizer.lr < 1.0) {
-            return err("optimizer.lr", "must be between 0 and 1 (usually 1e-4)");
-        }
-        if self.training.batch_size == 0 {
-            return err("training.batch_size", "must be at least 1");
+        let d = &self.dataset;
+        if d.min_bucket_side > d.max_bucket_side {
+            return Err(ConfigError(format!(
+                "`dataset.min_bucket_side` ({}) is above `dataset.max_bucket_side` ({}); lower the first or \
+                 raise the second",
+                d.min_bucket_side, d.max_bucket_side
+            )));
         }
         if self.training.steps == 0 && self.training.epochs == 0 {
             return err(
                 "training.steps",
                 "and `training.epochs` are both 0; set one of them",
             );
-        }
-        if self.optimizer.gradient_accumulation == 0 {
-            return err("optimizer.gradient_accumulation", "must be at least 1");
-        }
-        for (name, p) in [
-            ("dataset.caption_dropout", self.dataset.caption_dropout),
-            ("dataset.tag_dropout", self.dataset.tag_dropout),
-        ] {
-            if !(0.0..=1.0).contains(&p) {
-                return err(name, "is a probability and must be in [0, 1]");
-            }
         }
         if self.saving.output_name.trim().is_empty()
             || self.saving.output_name.contains(['/', '\\'])
@@ -441,11 +480,19 @@ fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), ConfigE
             "`--set {assignment}`: write it as key=value, e.g. training.steps=200"
         ))
     })?;
-    let key = key.trim();
-    let value = toml::from_str::<toml::Table>(&format!("v = {}", raw.trim()))
+    let (key, raw) = (key.trim(), raw.trim());
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.trim().to_owned()));
+        .and_then(|mut t| t.remove("v"));
+    let whole = raw.strip_prefix('-').unwrap_or(raw);
+    if value.is_none() && !whole.is_empty() && whole.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ConfigError(format!(
+            "`{key}` is {raw}: a config holds whole numbers from {} to {}",
+            i64::MIN,
+            i64::MAX
+        )));
+    }
+    let value = value.unwrap_or_else(|| toml::Value::String(raw.to_owned()));
     let parts: Vec<&str> = key.split('.').collect();
     let (last, path) = parts.split_last().expect("split yields one part");
     let mut table = doc;
@@ -494,6 +541,98 @@ mod tests {
         assert_eq!(c.training.steps, 200);
         assert_eq!(c.dataset.folder, PathBuf::from("/data/cats"));
         assert_eq!(c.optimizer.schedule, LrSchedule::Cosine);
+    }
+
+    /// `section.key` of every number in `table` (array entries as `key[i]`).
+    fn numeric_leaves(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+        for (k, v) in table {
+            let name = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                toml::Value::Table(t) => numeric_leaves(&name, t, out),
+                toml::Value::Array(a) => {
+                    for (i, item) in a.iter().enumerate() {
+                        if let toml::Value::Table(t) = item {
+                            numeric_leaves(&format!("{name}[{i}]"), t, out);
+                        }
+                    }
+                }
+                toml::Value::Integer(_) | toml::Value::Float(_) if name != "schema" => {
+                    out.push(name)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn every_number_is_checked_against_its_range() {
+        let mut c = TrainConfig::default();
+        c.sampling.prompts = vec![SamplePrompt::default(), SamplePrompt::default()];
+        let mut leaves = Vec::new();
+        numeric_leaves("", &toml::Table::try_from(&c).unwrap(), &mut leaves);
+        let mut checked: Vec<String> = c.numbers().into_iter().map(|(k, _, _)| k).collect();
+        leaves.sort();
+        checked.sort();
+        assert_eq!(leaves, checked);
+        for (key, field, _) in c.numbers() {
+            assert!(field.bound.is_some(), "{key} has no range");
+            assert_eq!(schema::field(&key), Some(field), "{key}");
+        }
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused_naming_key_and_value() {
+        for (set, expect) in [
+            (
+                "optimizer.max_grad_norm=nan",
+                "`optimizer.max_grad_norm` is NaN",
+            ),
+            (
+                "training.noise_offset=inf",
+                "`training.noise_offset` is inf",
+            ),
+            ("optimizer.eps=-1e-8", "`optimizer.eps` is -1e-8"),
+            ("network.alpha=1e308", "`network.alpha` is 1e308"),
+            (
+                "dataset.bucket_step=4294967295",
+                "`dataset.bucket_step` is 4294967295",
+            ),
+            ("dataset.bucket_step=0", "`dataset.bucket_step` is 0"),
+            (
+                "dataset.max_bucket_side=4294967295",
+                "`dataset.max_bucket_side`",
+            ),
+            ("model.clip_skip=3", "`model.clip_skip` is 3"),
+            ("training.steps=100000001", "`training.steps` is 100000001"),
+        ] {
+            let e = TrainConfig::build(&[], &[set.into()]).unwrap_err();
+            assert!(e.0.starts_with(expect), "{set}: {e}");
+            assert!(e.0.contains("it must be"), "{set}: {e}");
+        }
+        let e = TrainConfig::build(
+            &[],
+            &[
+                "dataset.min_bucket_side=2048".into(),
+                "dataset.max_bucket_side=1024".into(),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("`dataset.min_bucket_side` (2048) is above"),
+            "{e}"
+        );
+        let e = TrainConfig::build(
+            &[("p", "[[sampling.prompts]]\nprompt = \"x\"\ncfg = nan\n")],
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("`sampling.prompts[0].cfg` is NaN"), "{e}");
+        let highest = TrainConfig::build(&[], &[format!("training.seed={}", i64::MAX)]).unwrap();
+        assert!(highest.to_toml().contains(&i64::MAX.to_string()));
     }
 
     #[test]

@@ -52,6 +52,22 @@ impl Link {
     }
 }
 
+/// The `Failed` event of a trainer thread that panicked: a bug, but the user's files are safe (every save is
+/// atomic), and the front ends must show it as the failure it is.
+fn crashed(panic: &(dyn std::any::Any + Send)) -> Event {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    Event::Failed {
+        message: format!("lora-studio stopped on an internal error: {what}"),
+        hint: "This is a bug in lora-studio; please report it with the log. Saved LoRA files and the last saved \
+               state in the output folder are intact: resume from that state, or start again."
+            .into(),
+    }
+}
+
 impl Engine {
     /// Starts a run of `config` on its own thread.
     pub fn start(config: TrainConfig, options: StartOptions, notify: Notify) -> Engine {
@@ -64,7 +80,14 @@ impl Engine {
         };
         let thread = std::thread::Builder::new()
             .name("trainer".into())
-            .spawn(move || super::run::run(config, options, &link))
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    super::run::run(config, options, &link)
+                }));
+                if let Err(panic) = ran {
+                    link.emit(crashed(panic.as_ref()));
+                }
+            })
             .expect("the trainer thread starts");
         Engine {
             commands: command_tx,
@@ -91,6 +114,23 @@ impl Engine {
     pub fn join(mut self) {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_a_failure_with_its_message() {
+        let panic = std::panic::catch_unwind(|| panic!("index {} out of range", 3)).unwrap_err();
+        match crashed(panic.as_ref()) {
+            Event::Failed { message, hint } => {
+                assert!(message.ends_with("index 3 out of range"), "{message}");
+                assert!(hint.contains("intact"), "{hint}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

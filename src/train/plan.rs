@@ -125,6 +125,29 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
             "Check the files in the Dataset workspace (Problems filter) and replace the broken ones.",
         ));
     }
+    let uses: u64 = plan.items.iter().map(|i| u64::from(i.repeats)).sum();
+    if uses > MAX_USES_PER_EPOCH {
+        return Err(Failure::new(
+            format!(
+                "An epoch of {} would use {uses} images (repeats included); at most {MAX_USES_PER_EPOCH} fit \
+                 in memory.",
+                folder.display()
+            ),
+            "Lower the folders' repeats (the number in front of a folder name, or the Repeats field).",
+        ));
+    }
+    let steps = total_steps(config, &plan);
+    if steps > crate::schema::MAX_STEPS {
+        return Err(Failure::new(
+            format!(
+                "The run would take {steps} steps ({} per epoch × {} epochs); at most {} are allowed.",
+                plan.steps_per_epoch(),
+                config.training.epochs,
+                crate::schema::MAX_STEPS
+            ),
+            "Lower `training.epochs` or the folders' repeats, or set `training.steps`.",
+        ));
+    }
     let mut warnings: Vec<String> = plan
         .skipped
         .iter()
@@ -174,6 +197,9 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
         warnings,
     })
 }
+
+/// An epoch is a list of its image uses; this many take about 160 MB.
+const MAX_USES_PER_EPOCH: u64 = 10_000_000;
 
 /// Image uses per epoch by bucket.
 fn bucket_uses(plan: &DataPlan) -> BTreeMap<(u32, u32), usize> {

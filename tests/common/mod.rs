@@ -1,6 +1,7 @@
 //! Fixture datasets written by the tests themselves: real image files, each kind of problem once.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod engine;
 pub mod gui;
 pub mod sd_tiny;
