@@ -543,47 +543,6 @@ mod tests {
         assert_eq!(c.optimizer.schedule, LrSchedule::Cosine);
     }
 
-    /// `section.key` of every number in `table` (array entries as `key[i]`).
-    fn numeric_leaves(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
-        for (k, v) in table {
-            let name = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
-            match v {
-                toml::Value::Table(t) => numeric_leaves(&name, t, out),
-                toml::Value::Array(a) => {
-                    for (i, item) in a.iter().enumerate() {
-                        if let toml::Value::Table(t) = item {
-                            numeric_leaves(&format!("{name}[{i}]"), t, out);
-                        }
-                    }
-                }
-                toml::Value::Integer(_) | toml::Value::Float(_) if name != "schema" => {
-                    out.push(name)
-                }
-                _ => {}
-            }
-        }
-    }
-
-    #[test]
-    fn every_number_is_checked_against_its_range() {
-        let mut c = TrainConfig::default();
-        c.sampling.prompts = vec![SamplePrompt::default(), SamplePrompt::default()];
-        let mut leaves = Vec::new();
-        numeric_leaves("", &toml::Table::try_from(&c).unwrap(), &mut leaves);
-        let mut checked: Vec<String> = c.numbers().into_iter().map(|(k, _, _)| k).collect();
-        leaves.sort();
-        checked.sort();
-        assert_eq!(leaves, checked);
-        for (key, field, _) in c.numbers() {
-            assert!(field.bound.is_some(), "{key} has no range");
-            assert_eq!(schema::field(&key), Some(field), "{key}");
-        }
-    }
-
     #[test]
     fn values_out_of_range_are_refused_naming_key_and_value() {
         for (set, expect) in [
