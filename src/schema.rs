@@ -300,6 +300,20 @@ pub const TAG_DROPOUT: Field = Field::number(
     Bound::real(0.0, 1.0),
     "0–0.1",
 );
+pub const REGULARIZATION_FOLDER: Field =
+    Field::choice("dataset.regularization_folder", "Regularization images");
+pub const REGULARIZATION_REPEATS: Field = Field::number(
+    "dataset.regularization_repeats",
+    "Regularization repeats",
+    Bound::whole(1, crate::dataset::project::MAX_REPEATS),
+    "1",
+);
+pub const PRIOR_LOSS_WEIGHT: Field = Field::number(
+    "dataset.prior_loss_weight",
+    "Prior loss weight",
+    Bound::real(0.0, 10.0),
+    "1",
+);
 pub const RANK: Field = Field::number("network.rank", "Rank", Bound::whole(1, 1024), "4–64");
 pub const ALPHA: Field = Field::number(
     "network.alpha",
@@ -337,11 +351,22 @@ pub const WEIGHT_DECAY: Field = Field::number(
     Bound::real(0.0, 1.0),
     "0–0.1",
 );
+pub const D_COEF: Field = Field::number(
+    "optimizer.d_coef",
+    "Prodigy d coef",
+    Bound::above(0.0, 100.0),
+    "1; 0.5–2",
+);
+pub const D0: Field = Field::number("optimizer.d0", "Prodigy d0", Bound::above(0.0, 1.0), "1e-6");
+pub const USE_BIAS_CORRECTION: Field =
+    Field::choice("optimizer.use_bias_correction", "Prodigy bias correction");
+pub const SAFEGUARD_WARMUP: Field =
+    Field::choice("optimizer.safeguard_warmup", "Prodigy safeguard warmup");
 pub const LR: Field = Field::number(
     "optimizer.lr",
     "Learning rate",
-    Bound::between(0.0, 1.0),
-    "1e-4; 5e-5 to 1e-3",
+    Bound::above(0.0, 10.0),
+    "1e-4; 5e-5 to 1e-3; 1 for Prodigy",
 );
 pub const LR_TEXT_ENCODER: Field = Field::number(
     "optimizer.lr_text_encoder",
@@ -475,7 +500,7 @@ pub const LORA_WEIGHT: Field = Field::number(
 );
 
 /// Every setting, in the order of docs/CONFIG.md.
-pub const FIELDS: [Field; 52] = [
+pub const FIELDS: [Field; 59] = [
     SCHEMA,
     CHECKPOINT,
     PREDICTION,
@@ -490,6 +515,9 @@ pub const FIELDS: [Field; 52] = [
     KEEP_TOKENS,
     CAPTION_DROPOUT,
     TAG_DROPOUT,
+    REGULARIZATION_FOLDER,
+    REGULARIZATION_REPEATS,
+    PRIOR_LOSS_WEIGHT,
     RANK,
     ALPHA,
     TARGETS,
@@ -501,6 +529,10 @@ pub const FIELDS: [Field; 52] = [
     BETA2,
     EPS,
     WEIGHT_DECAY,
+    D_COEF,
+    D0,
+    USE_BIAS_CORRECTION,
+    SAFEGUARD_WARMUP,
     LR,
     LR_TEXT_ENCODER,
     SCHEDULE,

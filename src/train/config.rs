@@ -94,6 +94,13 @@ pub struct DatasetConfig {
     pub caption_dropout: f64,
     /// Probability of dropping each tag (the kept ones excepted).
     pub tag_dropout: f64,
+    /// Regularization (prior-preservation) images: pictures of the class without the concept, trained beside
+    /// the dataset so the LoRA does not turn every "woman" into the subject.
+    pub regularization_folder: Option<PathBuf>,
+    /// Repeats of each regularization image (kohya `N_name` subfolders set their own).
+    pub regularization_repeats: u32,
+    /// Weight of the regularization images' loss against the dataset's.
+    pub prior_loss_weight: f64,
 }
 
 impl Default for DatasetConfig {
@@ -111,6 +118,9 @@ impl Default for DatasetConfig {
             keep_tokens: 1,
             caption_dropout: 0.0,
             tag_dropout: 0.0,
+            regularization_folder: None,
+            regularization_repeats: 1,
+            prior_loss_weight: 1.0,
         }
     }
 }
@@ -375,6 +385,11 @@ impl TrainConfig {
             (&schema::KEEP_TOKENS, d.keep_tokens.into()),
             (&schema::CAPTION_DROPOUT, d.caption_dropout.into()),
             (&schema::TAG_DROPOUT, d.tag_dropout.into()),
+            (
+                &schema::REGULARIZATION_REPEATS,
+                d.regularization_repeats.into(),
+            ),
+            (&schema::PRIOR_LOSS_WEIGHT, d.prior_loss_weight.into()),
             (&schema::RANK, n.rank.into()),
             (&schema::ALPHA, n.alpha.into()),
             (&schema::CONV_RANK, n.conv_rank.into()),
@@ -384,6 +399,8 @@ impl TrainConfig {
             (&schema::BETA2, o.params.beta2.into()),
             (&schema::EPS, o.params.eps.into()),
             (&schema::WEIGHT_DECAY, o.params.weight_decay.into()),
+            (&schema::D_COEF, o.params.d_coef.into()),
+            (&schema::D0, o.params.d0.into()),
             (&schema::LR, o.lr.into()),
             (&schema::LR_TEXT_ENCODER, o.lr_text_encoder.into()),
             (&schema::WARMUP_STEPS, o.warmup_steps.into()),

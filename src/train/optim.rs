@@ -11,7 +11,14 @@ use std::collections::HashMap;
 pub enum OptimizerKind {
     #[default]
     AdamW,
+    /// AdamW with both moments stored in 8 bits, block-wise quantized (bitsandbytes' `AdamW8bit`).
+    #[serde(rename = "adamw_8bit")]
+    AdamW8bit,
     Adafactor,
+    /// Prodigy (Mishchenko & Defazio 2023): estimates the step size itself; the learning rate stays near 1.
+    Prodigy,
+    /// Lion (Chen et al. 2023): the sign of a momentum blend; one state tensor, lr 3–10× below AdamW's.
+    Lion,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -21,6 +28,14 @@ pub struct OptimizerParams {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    /// Prodigy: multiplies its step-size estimate (kohya users pass `d_coef` in `optimizer_args`).
+    pub d_coef: f64,
+    /// Prodigy: the initial step-size estimate.
+    pub d0: f64,
+    /// Prodigy: Adam's bias correction on the estimated step.
+    pub use_bias_correction: bool,
+    /// Prodigy: keeps the estimate from growing during warmup.
+    pub safeguard_warmup: bool,
 }
 
 impl Default for OptimizerParams {
@@ -30,6 +45,10 @@ impl Default for OptimizerParams {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
+            d_coef: 1.0,
+            d0: 1e-6,
+            use_bias_correction: false,
+            safeguard_warmup: false,
         }
     }
 }
@@ -166,6 +185,7 @@ impl Optimizer {
                 let update = match self.kind {
                     OptimizerKind::AdamW => self.adamw(gi, vi, &g)?,
                     OptimizerKind::Adafactor => self.adafactor(gi, vi, &g)?,
+                    kind => candle_core::bail!("{kind:?} is not built yet"),
                 };
                 let decayed = var
                     .as_tensor()
@@ -384,6 +404,7 @@ impl Optimizer {
                 vec![vec![dims[0], 1], vec![1, dims[1..].iter().product()]]
             }
             OptimizerKind::Adafactor => vec![dims.to_vec()],
+            _ => vec![],
         }
     }
 }
