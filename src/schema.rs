@@ -61,15 +61,6 @@ impl Bound {
         }
     }
 
-    const fn between(min: f64, max: f64) -> Bound {
-        Bound::Real {
-            min,
-            max,
-            min_open: true,
-            max_open: true,
-        }
-    }
-
     pub fn admits(&self, n: Number) -> bool {
         match (*self, n) {
             (Bound::Whole { min, max, step }, Number::Whole(v)) => {
@@ -593,7 +584,11 @@ mod tests {
         assert!(!RESOLUTION.bound().admits(Number::Whole(516)));
         assert!(RESOLUTION.bound().admits(Number::Whole(520)));
         assert!(!LR.bound().admits(Number::Real(0.0)));
-        assert!(!LR.bound().admits(Number::Real(1.0)));
+        assert!(
+            LR.bound().admits(Number::Real(1.0)),
+            "Prodigy's learning rate"
+        );
+        assert!(!LR.bound().admits(Number::Real(11.0)));
         assert!(LR.bound().admits(Number::Real(1e-4)));
         for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1e308] {
             assert!(!MAX_GRAD_NORM.bound().admits(Number::Real(bad)), "{bad}");

@@ -1,5 +1,6 @@
 //! A new user's first steps, driven through the window (egui_kittest, headless): opening datasets one after the
-//! other, switching presets back and forth, typing bad values, and resuming a stopped run after a restart.
+//! other, switching presets back and forth, typing bad values, choosing an optimizer, and resuming a stopped run
+//! after a restart.
 //! Each test failed before the fix it guards.
 
 mod common;
@@ -10,6 +11,7 @@ use egui::accesskit::Role;
 use egui_kittest::Harness;
 use egui_kittest::kittest::{NodeT, Queryable};
 use lora_studio::app::{AppState, LoraStudioApp};
+use lora_studio::train::optim::OptimizerKind;
 use std::path::Path;
 
 fn dataset(root: &Path, images: u64, seed: u64) {
@@ -256,4 +258,33 @@ fn a_stopped_run_resumes_after_a_restart_and_is_never_replaced_silently() {
     wait_for(&mut h, "the end", 120, |app| {
         app.training().run().is_some_and(|r| !r.is_active())
     });
+}
+
+/// Choosing Prodigy sets the learning rates it wants and shows its own setting; going back to an AdamW sets the
+/// usual ones again.
+#[test]
+fn choosing_an_optimizer_sets_its_learning_rates() {
+    let mut h = harness(AppState::default());
+    nav(&mut h, "Training");
+    let pick = |h: &mut Harness<'static, LoraStudioApp>, name: &str| {
+        h.get_by_role_and_label(Role::ComboBox, "Optimizer").click();
+        h.run_steps(3);
+        h.get_by_label(name).click();
+        h.run_steps(3);
+    };
+    pick(&mut h, "Prodigy");
+    let o = h.state().state().training.config.optimizer.clone();
+    assert_eq!(o.kind, OptimizerKind::Prodigy);
+    assert_eq!((o.lr, o.lr_text_encoder), (1.0, 1.0));
+    assert!(h.query_by_label("Prodigy d coef").is_some());
+    set_number(&mut h, "Prodigy d coef", "0.5");
+    assert_eq!(
+        h.state().state().training.config.optimizer.params.d_coef,
+        0.5
+    );
+    pick(&mut h, "AdamW 8-bit");
+    let o = h.state().state().training.config.optimizer.clone();
+    assert_eq!(o.kind, OptimizerKind::AdamW8bit);
+    assert_eq!((o.lr, o.lr_text_encoder), (1e-4, 5e-5));
+    assert!(h.query_by_label("Prodigy d coef").is_none());
 }

@@ -16,9 +16,12 @@ const TARGETS: [(Targets, &str); 3] = [
     (Targets::AttentionAndFeedForward, "Attention + feed-forward"),
     (Targets::All, "All (with LoCon convs)"),
 ];
-const OPTIMIZERS: [(OptimizerKind, &str); 2] = [
+const OPTIMIZERS: [(OptimizerKind, &str); 5] = [
     (OptimizerKind::AdamW, "AdamW"),
+    (OptimizerKind::AdamW8bit, "AdamW 8-bit"),
     (OptimizerKind::Adafactor, "Adafactor"),
+    (OptimizerKind::Prodigy, "Prodigy"),
+    (OptimizerKind::Lion, "Lion"),
 ];
 const SCHEDULES: [(LrSchedule, &str); 4] = [
     (LrSchedule::Constant, "Constant"),
@@ -84,13 +87,28 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool
     ui.add_space(4.0);
     ui.strong("Optimizer");
     changed |= group(ui, "form-optimizer", |ui| {
+        let before = c.optimizer.kind;
         let mut ch = form_combo(
             ui,
             schema::OPTIMIZER.label,
-            "AdamW is the usual choice; Adafactor keeps less state (less memory).",
+            "AdamW is the usual choice. AdamW 8-bit and Adafactor keep less state (less memory). Prodigy finds \
+             its own step size (learning rate 1). Lion wants a learning rate 3-10x below AdamW's. Switching to \
+             or from Prodigy or Lion sets the learning rates to its usual ones.",
             &mut c.optimizer.kind,
             &OPTIMIZERS,
         );
+        if before.usual_lr() != c.optimizer.kind.usual_lr() {
+            (c.optimizer.lr, c.optimizer.lr_text_encoder) = c.optimizer.kind.usual_lr();
+        }
+        if c.optimizer.kind == OptimizerKind::Prodigy {
+            ch |= form_number(
+                ui,
+                &schema::D_COEF,
+                "Scales Prodigy's estimated step size: below 1 trains more gently, above 1 faster.",
+                &mut c.optimizer.params.d_coef,
+                errors,
+            );
+        }
         ch |= form_number(
             ui,
             &schema::LR,

@@ -191,11 +191,39 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
             "{small} buckets hold fewer image uses than the batch size ({batch}); their batches are smaller"
         ));
     }
+    warnings.extend(learning_rate_warnings(config));
     Ok(Data {
         scan,
         plan,
         warnings,
     })
+}
+
+/// Learning rates that suit another optimizer than the chosen one: Prodigy multiplies its own step-size estimate
+/// by the learning rate (so it wants about 1), the others take it as the step size.
+fn learning_rate_warnings(config: &TrainConfig) -> Vec<String> {
+    let o = &config.optimizer;
+    let mut rates = vec![("`optimizer.lr`", o.lr)];
+    if config.training.train_text_encoder {
+        rates.push(("`optimizer.lr_text_encoder`", o.lr_text_encoder));
+    }
+    let prodigy = o.kind == super::optim::OptimizerKind::Prodigy;
+    rates
+        .into_iter()
+        .filter_map(|(key, lr)| {
+            if prodigy && lr < 0.1 {
+                Some(format!(
+                    "{key} is {lr:e}, but Prodigy multiplies its own step size by it: this trains almost                      nothing. Set it to 1 (0.5–1 for a gentler run)"
+                ))
+            } else if !prodigy && lr > 0.01 {
+                Some(format!(
+                    "{key} is {lr}, far above the usual 1e-4 (Lion: 3e-5): expect burnt, noisy images; 1                      suits only Prodigy"
+                ))
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 /// An epoch is a list of its image uses; this many take about 160 MB.
@@ -290,10 +318,12 @@ pub fn estimate_memory(
         * width_scale
         * targets_scale
         * f64::from(config.training.batch_size)) as u64;
-    // Adapters, gradients and AdamW moments (f32, four copies), about rank/16 × 13 MB on SD 1.5.
+    // Adapters and gradients (f32, two copies) and the optimizer's state; an f32 copy of the adapters is about
+    // rank/16 × 13 MB on SD 1.5.
+    let copies = 2.0 + config.optimizer.kind.state_copies();
     let adapters = (unet_params as f64 / sd15_params * f64::from(config.network.rank) / 16.0
         * 13e6
-        * 4.0) as u64;
+        * copies) as u64;
     let workspace = (0.35 * GIB) as u64;
     let parts = vec![
         ("UNet weights".to_owned(), weights),
@@ -455,5 +485,44 @@ mod tests {
             .advice(card(12.0), &c)
             .expect("no-recompute batch 4 with LoCon is over 12 GB");
         assert!(advice.contains("training.recompute"), "{advice}");
+    }
+
+    #[test]
+    fn learning_rates_are_checked_against_the_optimizer() {
+        use crate::train::optim::OptimizerKind;
+        let mut c = TrainConfig::default();
+        assert!(learning_rate_warnings(&c).is_empty());
+        c.optimizer.kind = OptimizerKind::Prodigy;
+        let w = learning_rate_warnings(&c);
+        assert!(w.len() == 1 && w[0].contains("Set it to 1"), "{w:?}");
+        c.optimizer.lr = 1.0;
+        assert!(learning_rate_warnings(&c).is_empty());
+        c.optimizer.kind = OptimizerKind::Lion;
+        let w = learning_rate_warnings(&c);
+        assert!(w.len() == 1 && w[0].contains("burnt"), "{w:?}");
+    }
+
+    /// The 8-bit optimizer's state is a quarter of AdamW's; the estimate follows it.
+    #[test]
+    fn the_estimate_counts_the_optimizer_state() {
+        use crate::train::optim::OptimizerKind;
+        let mut c = TrainConfig::default();
+        let adapters = |c: &TrainConfig| {
+            let m = estimate_memory(SD15_UNET, 2, c, 512 * 512);
+            m.parts
+                .iter()
+                .find(|p| p.0.starts_with("adapters"))
+                .unwrap()
+                .1
+        };
+        let adamw = adapters(&c);
+        c.optimizer.kind = OptimizerKind::AdamW8bit;
+        let eight_bit = adapters(&c);
+        c.optimizer.kind = OptimizerKind::Prodigy;
+        let prodigy = adapters(&c);
+        assert!(
+            eight_bit < adamw && adamw < prodigy,
+            "{eight_bit} {adamw} {prodigy}"
+        );
     }
 }

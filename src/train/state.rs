@@ -71,7 +71,7 @@ pub fn save(
         })
         .collect();
     candle_core::safetensors::save(&adapters, tmp.path().join(ADAPTERS))?;
-    let (opt_state, optimizer_steps) = opt.state_tensors();
+    let (opt_state, optimizer_steps) = opt.state_tensors()?;
     candle_core::safetensors::save(&opt_state, tmp.path().join(OPTIMIZER))?;
     let file = StateFile {
         schema: 1,

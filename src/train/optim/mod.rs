@@ -1,5 +1,11 @@
-//! Optimizers for adapter weights: AdamW (f32 moments) and Adafactor (factored second moment, no first
-//! moment: the memory-lean choice). Both clip by global gradient norm and expose their state for resume.
+//! Optimizers for adapter weights: AdamW (f32 moments), AdamW8bit (8-bit moments), Adafactor (factored second
+//! moment, no first moment), Prodigy (estimates its own step size) and Lion (sign of a momentum). All clip by the
+//! global gradient norm and expose their state for resume. Each is checked against its reference implementation
+//! (tests/optimizer_parity.rs, fixtures from tools/make_optim_reference.py).
+
+mod blockwise;
+mod prodigy;
+mod rules;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
@@ -19,6 +25,32 @@ pub enum OptimizerKind {
     Prodigy,
     /// Lion (Chen et al. 2023): the sign of a momentum blend; one state tensor, lr 3–10× below AdamW's.
     Lion,
+}
+
+impl OptimizerKind {
+    /// How many f32 copies of the adapters its state takes (for the memory estimate): AdamW two moments,
+    /// AdamW8bit two one-byte ones, Adafactor row and column means (next to nothing), Prodigy two moments, the
+    /// running sum and the starting weights, Lion one momentum.
+    pub fn state_copies(self) -> f64 {
+        match self {
+            OptimizerKind::AdamW => 2.0,
+            OptimizerKind::AdamW8bit => 0.5,
+            OptimizerKind::Adafactor => 0.1,
+            OptimizerKind::Prodigy => 4.0,
+            OptimizerKind::Lion => 1.0,
+        }
+    }
+
+    /// The usual learning rates (UNet, text encoder) of LoRA training with this optimizer.
+    pub fn usual_lr(self) -> (f64, f64) {
+        match self {
+            OptimizerKind::AdamW | OptimizerKind::AdamW8bit | OptimizerKind::Adafactor => {
+                (1e-4, 5e-5)
+            }
+            OptimizerKind::Prodigy => (1.0, 1.0),
+            OptimizerKind::Lion => (3e-5, 1.5e-5),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,8 +97,12 @@ pub struct Optimizer {
     params: OptimizerParams,
     pub groups: Vec<Group>,
     step: u64,
-    /// Per variable (by group and index): AdamW [m, v]; Adafactor [row, col] (matrices) or [v] (vectors).
+    /// Per variable (by group and index), as `state_shapes` lists.
     state: HashMap<(usize, usize), Vec<Tensor>>,
+    /// AdamW8bit's code tables, on the variables' device (made by the first step).
+    codes: Option<blockwise::Codes>,
+    /// Prodigy's step-size estimate.
+    estimate: prodigy::Estimate,
     /// The device-side step's buffers (AdamW on a GPU), made by the first `prepare_step`.
     #[cfg(feature = "cuda")]
     device: Option<DeviceStep>,
@@ -120,6 +156,8 @@ impl Optimizer {
             groups,
             step: 0,
             state: HashMap::new(),
+            codes: None,
+            estimate: prodigy::Estimate::new(&params),
             #[cfg(feature = "cuda")]
             device: None,
         }
@@ -176,24 +214,54 @@ impl Optimizer {
             1.0
         } / loss_scale;
         self.step += 1;
-        for gi in 0..self.groups.len() {
-            let lr = self.groups[gi].lr * lr_factor;
-            for vi in 0..self.groups[gi].vars.len() {
-                let var = self.groups[gi].vars[vi].clone();
-                let Some(g) = grads.get(&var) else { continue };
-                let g = g.to_dtype(DType::F32)?.affine(clip, 0.0)?;
-                let update = match self.kind {
-                    OptimizerKind::AdamW => self.adamw(gi, vi, &g)?,
-                    OptimizerKind::Adafactor => self.adafactor(gi, vi, &g)?,
-                    kind => candle_core::bail!("{kind:?} is not built yet"),
-                };
-                let decayed = var
-                    .as_tensor()
-                    .affine(1.0 - lr * self.params.weight_decay, 0.0)?;
-                var.set(&(decayed - update.affine(lr, 0.0)?)?)?;
+        let mut clipped = Vec::new();
+        for (gi, group) in self.groups.iter().enumerate() {
+            for (vi, var) in group.vars.iter().enumerate() {
+                if let Some(g) = grads.get(var) {
+                    clipped.push(((gi, vi), g.to_dtype(DType::F32)?.affine(clip, 0.0)?));
+                }
             }
         }
+        let lrs: Vec<f64> = self.groups.iter().map(|g| g.lr * lr_factor).collect();
+        if self.kind == OptimizerKind::Prodigy {
+            let p = self.params;
+            let k = self.step - 1;
+            let (groups, state) = (&self.groups, &mut self.state);
+            if !prodigy::step(&mut self.estimate, groups, &lrs, state, &clipped, &p, k)? {
+                // All gradients zero: prodigyopt takes no step and counts none.
+                self.step -= 1;
+            }
+            return Ok(norm);
+        }
+        for ((gi, vi), g) in clipped {
+            let direction = self.direction(gi, vi, &g)?;
+            let var = &self.groups[gi].vars[vi];
+            let lr = lrs[gi];
+            let decayed = var
+                .as_tensor()
+                .affine(1.0 - lr * self.params.weight_decay, 0.0)?;
+            var.set(&(decayed - direction.affine(lr, 0.0)?)?)?;
+        }
         Ok(norm)
+    }
+
+    /// The direction of variable (gi, vi) for its gradient `g`, updating its state.
+    fn direction(&mut self, gi: usize, vi: usize, g: &Tensor) -> Result<Tensor> {
+        let (p, step) = (self.params, self.step);
+        let st = self.state.entry((gi, vi)).or_default();
+        match self.kind {
+            OptimizerKind::AdamW => rules::adamw(st, g, &p, step),
+            OptimizerKind::AdamW8bit => {
+                if self.codes.is_none() {
+                    self.codes = Some(blockwise::Codes::new(g.device())?);
+                }
+                let codes = self.codes.as_ref().expect("made above");
+                rules::adamw_8bit(st, g, &p, step, codes)
+            }
+            OptimizerKind::Adafactor => rules::adafactor(st, g, step),
+            OptimizerKind::Lion => rules::lion(st, g, &p),
+            OptimizerKind::Prodigy => candle_core::bail!("Prodigy steps all variables at once"),
+        }
     }
 
     /// Whether steps run on the device as one fused AdamW kernel per variable, in three parts: `prepare_step`
@@ -295,66 +363,27 @@ impl Optimizer {
         Ok(norm)
     }
 
-    fn adamw(&mut self, gi: usize, vi: usize, g: &Tensor) -> Result<Tensor> {
-        let p = self.params;
-        let st = self.state.entry((gi, vi)).or_default();
-        if st.is_empty() {
-            st.push(g.zeros_like()?);
-            st.push(g.zeros_like()?);
-        }
-        st[0] = (st[0].affine(p.beta1, 0.0)? + g.affine(1.0 - p.beta1, 0.0)?)?;
-        st[1] = (st[1].affine(p.beta2, 0.0)? + g.sqr()?.affine(1.0 - p.beta2, 0.0)?)?;
-        let t = self.step as i32;
-        let m_hat = st[0].affine(1.0 / (1.0 - p.beta1.powi(t)), 0.0)?;
-        let v_hat = st[1].affine(1.0 / (1.0 - p.beta2.powi(t)), 0.0)?;
-        m_hat / (v_hat.sqrt()? + p.eps)?
-    }
-
-    /// Adafactor (Shazeer & Stern 2018) with the external learning rate: second moment kept as row and column
-    /// means for matrices, decay 1 − t^−0.8, update clipped to RMS 1.
-    fn adafactor(&mut self, gi: usize, vi: usize, g: &Tensor) -> Result<Tensor> {
-        let decay = 1.0 - (self.step as f64).powf(-0.8);
-        let eps = 1e-30;
-        let g2 = (g.sqr()? + eps)?;
-        let st = self.state.entry((gi, vi)).or_default();
-        let u = if g.rank() >= 2 {
-            let g2 = g2.flatten_from(1)?;
-            let (row, col) = (g2.mean_keepdim(1)?, g2.mean_keepdim(0)?);
-            if st.is_empty() {
-                st.push(row.zeros_like()?);
-                st.push(col.zeros_like()?);
-            }
-            st[0] = (st[0].affine(decay, 0.0)? + row.affine(1.0 - decay, 0.0)?)?;
-            st[1] = (st[1].affine(decay, 0.0)? + col.affine(1.0 - decay, 0.0)?)?;
-            let row_mean = st[0].mean_all()?;
-            let v = st[0].broadcast_div(&row_mean)?.broadcast_mul(&st[1])?;
-            g.flatten_from(1)?.div(&v.sqrt()?)?.reshape(g.shape())?
-        } else {
-            if st.is_empty() {
-                st.push(g2.zeros_like()?);
-            }
-            st[0] = (st[0].affine(decay, 0.0)? + g2.affine(1.0 - decay, 0.0)?)?;
-            g.div(&st[0].sqrt()?)?
-        };
-        let rms = u.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()? as f64;
-        u.affine(1.0 / rms.max(1.0), 0.0)
-    }
-
     /// The state as named tensors (for the training-state file), plus the step count.
-    pub fn state_tensors(&self) -> (HashMap<String, Tensor>, u64) {
+    pub fn state_tensors(&self) -> Result<(HashMap<String, Tensor>, u64)> {
         let mut out = HashMap::new();
         for ((gi, vi), ts) in &self.state {
             for (k, t) in ts.iter().enumerate() {
                 out.insert(format!("{gi}.{vi}.{k}"), t.clone());
             }
         }
-        (out, self.step)
+        if self.kind == OptimizerKind::Prodigy {
+            out.insert(PRODIGY_ESTIMATE.into(), self.estimate.to_tensor()?);
+        }
+        Ok((out, self.step))
     }
 
     /// Restores what `state_tensors` returned (same groups and variables in the same order).
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         self.state.clear();
-        let mut keys: Vec<&String> = tensors.keys().collect();
+        let mut keys: Vec<&String> = tensors
+            .keys()
+            .filter(|k| k.as_str() != PRODIGY_ESTIMATE)
+            .collect();
         keys.sort_by_key(|k| {
             k.split('.')
                 .map(|p| p.parse::<usize>().unwrap_or(usize::MAX))
@@ -377,49 +406,71 @@ impl Optimizer {
             if parts[2] != st.len() {
                 candle_core::bail!("moment {}.{}.{} is missing", gi, vi, st.len())
             }
-            st.push(tensors[key].to_device(&dev)?.to_dtype(DType::F32)?);
+            let t = &tensors[key];
+            let dtype = if t.dtype() == DType::U8 {
+                DType::U8
+            } else {
+                DType::F32
+            };
+            st.push(t.to_device(&dev)?.to_dtype(dtype)?);
         }
         for ((gi, vi), st) in &self.state {
             let var = &self.groups[*gi].vars[*vi];
             let expected = self.state_shapes(var.dims());
-            let found: Vec<&[usize]> = st.iter().map(|t| t.dims()).collect();
-            if found != expected.iter().map(Vec::as_slice).collect::<Vec<_>>() {
+            let found: Vec<(Vec<usize>, DType)> =
+                st.iter().map(|t| (t.dims().to_vec(), t.dtype())).collect();
+            if found != expected {
                 candle_core::bail!(
-                    "the moments of variable {gi}.{vi} have shapes {found:?}; a {:?} variable of {:?} needs {expected:?}",
+                    "the state of variable {gi}.{vi} is {found:?}; a {:?} variable of {:?} needs {expected:?}",
                     var.dims(),
                     self.kind
                 )
             }
         }
+        if self.kind == OptimizerKind::Prodigy {
+            let Some(t) = tensors.get(PRODIGY_ESTIMATE) else {
+                candle_core::bail!("the Prodigy step-size estimate `{PRODIGY_ESTIMATE}` is missing")
+            };
+            self.estimate = prodigy::Estimate::from_tensor(t)?;
+        }
         self.step = step;
         Ok(())
     }
 
-    /// The shapes of one variable's state: AdamW two moments like it; Adafactor row and column means for a
-    /// matrix, one moment for a vector.
-    fn state_shapes(&self, dims: &[usize]) -> Vec<Vec<usize>> {
+    /// The shapes and dtypes of one variable's state.
+    fn state_shapes(&self, dims: &[usize]) -> Vec<(Vec<usize>, DType)> {
         match self.kind {
-            OptimizerKind::AdamW => vec![dims.to_vec(); 2],
-            OptimizerKind::Adafactor if dims.len() >= 2 => {
-                vec![vec![dims[0], 1], vec![1, dims[1..].iter().product()]]
-            }
-            OptimizerKind::Adafactor => vec![dims.to_vec()],
-            _ => vec![],
+            OptimizerKind::AdamW => vec![(dims.to_vec(), DType::F32); 2],
+            OptimizerKind::AdamW8bit => rules::adamw_8bit_state(dims),
+            OptimizerKind::Adafactor => rules::adafactor_state(dims),
+            OptimizerKind::Prodigy => prodigy::state_shapes(dims),
+            OptimizerKind::Lion => vec![(dims.to_vec(), DType::F32)],
         }
     }
 }
+
+/// The state file's key of Prodigy's shared estimate.
+const PRODIGY_ESTIMATE: &str = "prodigy";
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Both optimizers minimise a quadratic; AdamW's first step moves each weight by lr (bias-corrected).
+    /// Every optimizer minimises a quadratic at its usual learning rate (the 8-bit one on a variable large
+    /// enough for 8-bit moments).
     #[test]
     fn optimizers_descend() {
-        for kind in [OptimizerKind::AdamW, OptimizerKind::Adafactor] {
-            let target = Tensor::new(&[[1f32, -2.0], [0.5, 3.0]], &Device::Cpu).unwrap();
-            let w = Var::zeros((2, 2), DType::F32, &Device::Cpu).unwrap();
+        for (kind, lr) in [
+            (OptimizerKind::AdamW, 0.05),
+            (OptimizerKind::AdamW8bit, 0.05),
+            (OptimizerKind::Adafactor, 0.05),
+            (OptimizerKind::Prodigy, 1.0),
+            (OptimizerKind::Lion, 0.03),
+        ] {
+            let values: Vec<f32> = (0..8192).map(|i| ((i as f32) * 0.7).sin() * 3.0).collect();
+            let target = Tensor::from_vec(values, (64, 128), &Device::Cpu).unwrap();
+            let w = Var::zeros((64, 128), DType::F32, &Device::Cpu).unwrap();
             let params = OptimizerParams {
                 weight_decay: 0.0,
                 ..Default::default()
@@ -429,7 +480,7 @@ mod tests {
                 params,
                 vec![Group {
                     vars: vec![w.clone()],
-                    lr: 0.05,
+                    lr,
                 }],
             );
             let loss = |w: &Var| {
@@ -443,7 +494,7 @@ mod tests {
             let first = loss(&w).to_scalar::<f32>().unwrap();
             for _ in 0..200 {
                 let grads = loss(&w).backward().unwrap();
-                opt.step(&grads, 1.0, 1.0, 1.0).unwrap();
+                opt.step(&grads, 1.0, 0.0, 1.0).unwrap();
             }
             let last = loss(&w).to_scalar::<f32>().unwrap();
             assert!(last < first * 0.05, "{kind:?}: {first} -> {last}");
@@ -470,7 +521,7 @@ mod tests {
             .backward()
             .unwrap();
         a.step(&grads, 1.0, 0.0, 1.0).unwrap();
-        let (state, step) = a.state_tensors();
+        let (state, step) = a.state_tensors().unwrap();
         let w2 = Var::from_tensor(w.as_tensor()).unwrap();
         let mut b = Optimizer::new(
             OptimizerKind::AdamW,
