@@ -271,6 +271,105 @@ fn the_whole_training_journey() {
     let _ = std::fs::remove_dir_all(&root);
 }
 
+/// The regularization images' folder and numbers are found by their labels; a folder that does not exist is
+/// named by its label beside the field and beside Start, which it blocks; a real one is counted in the plan.
+#[test]
+fn a_bad_regularization_folder_blocks_start_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dataset");
+    let reg = dir.path().join("reg");
+    for i in 0..4u64 {
+        let p = data.join(format!("img{i}.png"));
+        common::write_png(&p, 64, 64, i + 1);
+        common::caption(&p, b"zk, thing");
+        let r = reg.join(format!("1_thing/r{i}.png"));
+        common::write_png(&r, 64, 64, i + 20);
+        common::caption(&r, b"a thing");
+    }
+    let mut state = AppState::default();
+    let c = &mut state.training.config;
+    c.model.checkpoint = common::sd_tiny::fixture("sd1").join("diffusers");
+    c.dataset.folder = data;
+    c.dataset.resolution = 64;
+    c.saving.output_dir = dir.path().join("out");
+    let mut h = harness(state);
+    nav(&mut h, "Training");
+    let plan_done =
+        |app: &mut LoraStudioApp| app.training().plan().is_some() && !app.training().is_busy();
+    wait_for(&mut h, "the plan", 60, plan_done);
+    assert!(matches!(h.state_mut().training().plan(), Some(Ok(_))));
+
+    let missing = dir.path().join("no-such-reg");
+    type_into(
+        &mut h,
+        "Regularization images",
+        &missing.to_string_lossy(),
+        false,
+    );
+    wait_for(&mut h, "the plan with the missing folder", 60, plan_done);
+    let named = "(\"Regularization images\") does not exist";
+    match h.state_mut().training().plan() {
+        Some(Err(e)) => assert!(e.contains(named) && e.contains("no-such-reg"), "{e}"),
+        other => panic!(
+            "the missing folder was not refused: {:?}",
+            other.map(|r| r.is_ok())
+        ),
+    }
+    assert!(
+        h.get_by_label("Start training")
+            .accesskit_node()
+            .is_disabled()
+    );
+    // Beside the field, beside Start and in the plan.
+    assert!(h.query_all_by_label_contains(named).count() >= 2);
+
+    type_into(
+        &mut h,
+        "Regularization images",
+        &reg.to_string_lossy(),
+        true,
+    );
+    set_number(&mut h, "Regularization repeats", "2");
+    set_number(&mut h, "Prior loss weight", "0.5");
+    wait_for(&mut h, "the plan with regularization images", 60, plan_done);
+    let c = &h.state().state().training.config.dataset;
+    assert_eq!(c.regularization_folder.as_deref(), Some(reg.as_path()));
+    assert_eq!((c.regularization_repeats, c.prior_loss_weight), (2, 0.5));
+    match h.state_mut().training().plan() {
+        Some(Ok(p)) => assert_eq!(
+            (
+                p.plan.images,
+                p.plan.regularization_images,
+                p.plan.samples_per_epoch
+            ),
+            (4, 4, 8)
+        ),
+        other => panic!("no plan: {:?}", other.map(|r| r.as_ref().err())),
+    }
+    assert!(
+        h.query_by_label("4 (4 uses per epoch)").is_some(),
+        "the plan's regularization row"
+    );
+    assert!(
+        !h.get_by_label("Start training")
+            .accesskit_node()
+            .is_disabled()
+    );
+    // A bad weight is named by its label and blocks Start.
+    set_number(&mut h, "Prior loss weight", "-1");
+    let v = h.state_mut().training().form_problem().map(str::to_owned);
+    assert!(
+        v.as_deref()
+            .is_some_and(|v| v.starts_with("Prior loss weight:")),
+        "{v:?}"
+    );
+    assert!(
+        h.get_by_label("Start training")
+            .accesskit_node()
+            .is_disabled()
+    );
+}
+
 #[test]
 fn the_first_start_opens_the_demo_project() {
     let Some(demo) = lora_studio::app::demo_dir() else {

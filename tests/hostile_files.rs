@@ -12,7 +12,8 @@
 //! - LoRA files with NaN, inf or 1e308 weights or alpha;
 //! - a JPEG that declares 65500×65500, a caption larger than a caption can be;
 //! - resume states with a missing moment tensor, an absurd step, a mismatched adapter shape, NaN weights;
-//! - temporary files of an interrupted save are removed on the next start.
+//! - temporary files of an interrupted save are removed on the next start;
+//! - regularization folders that are missing, a file, empty, all broken, or inside the dataset folder.
 
 mod common;
 
@@ -359,6 +360,69 @@ fn what_is_not_a_regular_file_is_refused_without_reading() {
     ]);
     refused(&o, &[s(&latents), "named pipe"]);
     assert!(!out.exists());
+}
+
+#[test]
+fn regularization_folders_that_cannot_serve_are_refused_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::engine::dataset(&data, 2);
+    let out = dir.path().join("out");
+    let model = common::engine::model();
+    let train = |reg: &Path| {
+        run(&[
+            "train",
+            "--model",
+            s(&model),
+            "--dataset",
+            s(&data),
+            "--output",
+            s(&out),
+            "--reg-folder",
+            s(reg),
+            "--set",
+            "dataset.resolution=32",
+        ])
+    };
+    let missing = dir.path().join("no-such-reg");
+    let o = train(&missing);
+    refused(
+        &o,
+        &[
+            s(&missing),
+            "does not exist",
+            "`dataset.regularization_folder`",
+            "Browse…",
+        ],
+    );
+    let file = dir.path().join("reg.txt");
+    std::fs::write(&file, "a woman").unwrap();
+    refused(&train(&file), &[s(&file), "is a file, not a folder"]);
+    let empty = dir.path().join("empty-reg");
+    std::fs::create_dir_all(&empty).unwrap();
+    refused(&train(&empty), &[s(&empty), "holds no images", "a woman"]);
+    let broken = dir.path().join("broken-reg");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("r0.png"), b"not a png").unwrap();
+    refused(
+        &train(&broken),
+        &[
+            s(&broken),
+            "None of the 1 images",
+            "r0.png",
+            "Replace the broken images",
+        ],
+    );
+    let inside = data.join("reg");
+    common::write_png(&inside.join("r0.png"), 40, 40, 9);
+    refused(
+        &train(&inside),
+        &[
+            "regularization folder is inside the dataset folder",
+            "beside the dataset folder",
+        ],
+    );
+    assert!(!out.exists(), "a refused run makes no output folder");
 }
 
 #[cfg(unix)]

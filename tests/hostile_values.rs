@@ -141,6 +141,9 @@ fn flags_out_of_range_are_refused_before_anything_loads() {
         ("--alpha", "inf"),
         ("--seed", "18446744073709551615"),
         ("--save-every", "18446744073709551615"),
+        ("--reg-repeats", "0"),
+        ("--prior-loss-weight", "nan"),
+        ("--prior-loss-weight", "11"),
     ] {
         let o = train(&data, &out, &[flag, value]);
         refused(&o, &[flag, "it must be"]);

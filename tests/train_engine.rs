@@ -138,6 +138,7 @@ fn eval_losses(data: &Path, lora: &Path) -> (f32, f32) {
         caption: "zk, thing 0, red".into(),
         repeats: 1,
         bucket: (32, 32),
+        regularization: false,
     };
     let vae = Vae::new(files.vae(), &files.vae_config, DType::F32, &dev).unwrap();
     let pixels = load_for_bucket(&item, false, &dev)
@@ -162,6 +163,7 @@ fn eval_losses(data: &Path, lora: &Path) -> (f32, f32) {
             let opts = LossOptions {
                 prediction: files.prediction,
                 min_snr_gamma: 0.0,
+                prior_loss_weight: 1.0,
             };
             let l = diffusion_loss(
                 unet,
@@ -373,6 +375,101 @@ fn every_optimizer_trains_and_resumes_exactly() {
             "{kind}: every up-projection trains away from zero"
         );
     }
+}
+
+/// Regularization images from a kohya folder train in the same batches as the dataset's: an epoch takes twice the
+/// steps, the loss stays finite under the prior loss weight and min-SNR-γ, a resumed run repeats the whole one,
+/// and the LoRA records them as kohya does.
+#[test]
+fn regularization_images_double_the_epoch_and_resume_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    dataset(&data, 2);
+    let reg = dir.path().join("reg");
+    for i in 0..3u64 {
+        let p = reg.join(format!("1_thing/r{i}.png"));
+        common::write_png(&p, 40, 40, 50 + i);
+        common::caption(&p, b"a thing");
+    }
+    let folder = format!("dataset.regularization_folder={:?}", reg.to_str().unwrap());
+    let extra = [
+        folder.as_str(),
+        "dataset.prior_loss_weight=0.5",
+        "training.min_snr_gamma=5.0",
+    ];
+    let plain = lora_studio::train::plan::load_data(&config(&data, &dir.path().join("x"), 4, &[]));
+    let plain_steps = plain.unwrap().plan.steps_per_epoch();
+    let whole = dir.path().join("whole");
+    let events = run(config(&data, &whole, 4, &extra), StartOptions::default());
+    assert_eq!(finished(&events), (4, false));
+    let plan = events.iter().find_map(|e| match e {
+        Event::Plan(p) => Some(p.clone()),
+        _ => None,
+    });
+    let plan = plan.unwrap();
+    assert_eq!(
+        (plan.images, plan.regularization_images),
+        (2, 2),
+        "{plan:?}"
+    );
+    assert_eq!(
+        (
+            plan.samples_per_epoch,
+            plan.regularization_samples_per_epoch
+        ),
+        (4, 2)
+    );
+    assert_eq!(plan.steps_per_epoch, 2 * plain_steps);
+    let warned = events.iter().any(|e| {
+        matches!(e, Event::Warning { message } if message.contains("1 of the 3 readable regularization images are not used"))
+    });
+    assert!(warned, "the unused third image is reported: {events:#?}");
+    for e in &events {
+        if let Event::Progress(s) = e {
+            assert!(
+                s.loss.is_finite() && s.loss > 0.0,
+                "step {}: loss {}",
+                s.step,
+                s.loss
+            );
+        }
+    }
+    let parts = dir.path().join("parts");
+    let stop = StartOptions {
+        stop_after: Some(3),
+        ..Default::default()
+    };
+    assert_eq!(
+        finished(&run(config(&data, &parts, 4, &extra), stop)),
+        (3, true)
+    );
+    let resume = StartOptions {
+        resume: Some(parts.join("state")),
+        ..Default::default()
+    };
+    assert_eq!(
+        finished(&run(config(&data, &parts, 4, &extra), resume)),
+        (4, false)
+    );
+    let (a, b) = (
+        tensors(&whole.join("t.safetensors")),
+        tensors(&parts.join("t.safetensors")),
+    );
+    for (name, t) in &a {
+        let d = max_diff(t, &b[name]);
+        assert!(d <= 1e-6, "{name} differs by {d}");
+    }
+    let bytes = std::fs::read(whole.join("t.safetensors")).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!(meta["ss_num_train_images"], "2");
+    assert_eq!(meta["ss_num_reg_images"], "2");
+    assert_eq!(meta["ss_prior_loss_weight"], "0.5");
+    assert_eq!(
+        meta["ss_reg_dataset_dirs"],
+        r#"{"1_thing":{"img_count":2,"n_repeats":1}}"#
+    );
+    assert!(!meta["ss_tag_frequency"].contains("a thing"));
 }
 
 #[test]

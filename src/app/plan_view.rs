@@ -24,6 +24,15 @@ pub(super) fn plan_details(
                 ui.end_row();
             };
             row("Images", plan.images.to_string());
+            if plan.regularization_images > 0 {
+                row(
+                    "Regularization images",
+                    format!(
+                        "{} ({} uses per epoch)",
+                        plan.regularization_images, plan.regularization_samples_per_epoch
+                    ),
+                );
+            }
             row(
                 "Image uses per epoch (repeats)",
                 plan.samples_per_epoch.to_string(),

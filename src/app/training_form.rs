@@ -3,7 +3,8 @@
 //! whether anything changed (the caller validates and recomputes the plan).
 
 use super::widgets::{
-    FormErrors, FormNumber, form_check, form_combo, form_number, number_field, with_bound,
+    FormErrors, FormNumber, form_check, form_combo, form_number, number_field, path_field,
+    with_bound,
 };
 use crate::schema::{self, Field};
 use crate::train::config::{Precision, Prediction, SamplePrompt, SaveDtype, Targets, TrainConfig};
@@ -203,6 +204,58 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool
         ch
     });
     changed
+}
+
+/// The regularization images: their folder (typed, or Browse…: the second value returned is true when it was
+/// clicked), with `problem` (the plan's complaint about it) below, their repeats and the weight of their loss.
+/// The first value returned is true when a setting changed.
+pub fn regularization(
+    ui: &mut Ui,
+    c: &mut TrainConfig,
+    errors: &mut FormErrors,
+    problem: Option<&str>,
+) -> (bool, bool) {
+    let d = &mut c.dataset;
+    let (mut changed, mut browse) = (false, false);
+    ui.horizontal(|ui| {
+        let mut folder = d.regularization_folder.clone().unwrap_or_default();
+        let r = path_field(ui, schema::REGULARIZATION_FOLDER.label, &mut folder, 260.0).on_hover_text(
+            "Optional: pictures of the class without your concept (\"a woman\", not her), with captions, \
+             trained beside the dataset so the LoRA does not turn every woman into her. Each epoch uses as \
+             many of them as dataset images (kohya's way); kohya N_name folders give N repeats. Leave it \
+             empty to train without them.",
+        );
+        if r.changed() {
+            d.regularization_folder = (!folder.as_os_str().is_empty()).then_some(folder);
+            changed = true;
+        }
+        browse = ui
+            .button("Browse…")
+            .on_hover_text("Choose the folder of regularization images")
+            .clicked();
+    });
+    if let Some(p) = problem {
+        ui.colored_label(ui.visuals().error_fg_color, p);
+    }
+    changed |= group(ui, "form-regularization", |ui| {
+        let mut ch = form_number(
+            ui,
+            &schema::REGULARIZATION_REPEATS,
+            "Repeats of each regularization image outside a kohya N_name folder. Usually 1.",
+            &mut d.regularization_repeats,
+            errors,
+        );
+        ch |= form_number(
+            ui,
+            &schema::PRIOR_LOSS_WEIGHT,
+            "How much the regularization images' loss counts against the dataset's (kohya's \
+             prior_loss_weight). Usually 1; lower keeps less of the class.",
+            &mut d.prior_loss_weight,
+            errors,
+        );
+        ch
+    });
+    (changed, browse)
 }
 
 /// The settings most runs leave alone.

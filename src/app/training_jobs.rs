@@ -15,6 +15,7 @@ pub enum Pick {
     ModelFolder,
     Vae,
     OutputFolder,
+    RegularizationFolder,
 }
 
 /// What the model picker found in a checkpoint.
@@ -124,7 +125,9 @@ impl Jobs {
                 Pick::ModelFile | Pick::Vae => dialog
                     .add_filter("Safetensors", &["safetensors"])
                     .pick_file(),
-                Pick::ModelFolder | Pick::OutputFolder => dialog.pick_folder(),
+                Pick::ModelFolder | Pick::OutputFolder | Pick::RegularizationFolder => {
+                    dialog.pick_folder()
+                }
             };
             JobEvent::Picked { purpose, path }
         });

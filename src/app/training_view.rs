@@ -317,6 +317,10 @@ impl TrainingView {
                             c.saving.output_dir = path;
                             self.config_changed();
                         }
+                        Pick::RegularizationFolder => {
+                            c.dataset.regularization_folder = Some(path);
+                            self.config_changed();
+                        }
                     }
                 }
             }
@@ -806,7 +810,19 @@ impl TrainingView {
                     "The dataset open in the Dataset workspace; open another there to change it.",
                 );
         }
-        let mut changed = false;
+        let problem = match &self.plan {
+            Some(Err(e)) if e.contains(crate::schema::REGULARIZATION_FOLDER.label) => {
+                Some(e.as_str())
+            }
+            _ => None,
+        };
+        let (mut changed, browse) =
+            training_form::regularization(ui, c, &mut self.form_errors, problem);
+        if browse {
+            let start = c.dataset.regularization_folder.clone();
+            let start = start.or_else(|| c.dataset.folder.parent().map(Path::to_path_buf));
+            self.jobs.pick(Pick::RegularizationFolder, start);
+        }
         ui.horizontal(|ui| {
             changed |= path_field(ui, "Output folder", &mut c.saving.output_dir, 300.0)
                 .on_hover_text("Where the LoRA files, samples and training state are written.")

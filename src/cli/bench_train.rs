@@ -196,6 +196,7 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
     let loss_opts = LossOptions {
         prediction: Prediction::Epsilon,
         min_snr_gamma: 0.0,
+        prior_loss_weight: 1.0,
     };
 
     // Forward FLOPs, counted on one plain forward; a training step is counted as the reference counts it:
@@ -218,7 +219,7 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
     for i in 0..args.warmup + args.steps {
         let timesteps: Vec<usize> = (0..b).map(|_| rng.random_range(0..1000)).collect();
         let noise = Tensor::randn(0f32, 1.0, latents.shape(), &device)?;
-        let inputs = LossInputs::new(&schedule, loss_opts, &timesteps, &device)?;
+        let inputs = LossInputs::new(&schedule, loss_opts, &timesteps, &[], &device)?;
         device.synchronize()?;
         if i == args.warmup {
             // Steady state from here, as the reference measures it.
@@ -244,7 +245,7 @@ fn bench(args: &TrainBench) -> candle_core::Result<Result_> {
                     latents: &latents,
                     context: &context,
                     noise: &noise,
-                    inputs: LossInputs::new(&schedule, loss_opts, &timesteps, &device)?,
+                    inputs: LossInputs::new(&schedule, loss_opts, &timesteps, &[], &device)?,
                 };
                 let settings = StepSettings {
                     lr_factor: 1.0,

@@ -36,6 +36,16 @@ pub struct TrainArgs {
     /// The dataset folder.
     #[arg(long)]
     dataset: Option<PathBuf>,
+    /// Regularization (prior-preservation) images: pictures of the class without your concept, with captions
+    /// (`dataset.regularization_folder`). Each epoch uses as many of them as dataset images, as kohya does.
+    #[arg(long, value_name = "PATH")]
+    reg_folder: Option<PathBuf>,
+    /// Repeats of each regularization image not in a kohya `N_name` folder (`dataset.regularization_repeats`).
+    #[arg(long, value_name = "N", value_parser = schema::flag::<u32>(&schema::REGULARIZATION_REPEATS))]
+    reg_repeats: Option<u32>,
+    /// Weight of the regularization images' loss against the dataset's (`dataset.prior_loss_weight`; usually 1).
+    #[arg(long, value_name = "W", value_parser = schema::flag::<f64>(&schema::PRIOR_LOSS_WEIGHT))]
+    prior_loss_weight: Option<f64>,
     /// The output folder.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -97,6 +107,18 @@ impl TrainArgs {
         };
         put("model.checkpoint", self.model.as_ref().map(path));
         put("dataset.folder", self.dataset.as_ref().map(path));
+        put(
+            "dataset.regularization_folder",
+            self.reg_folder.as_ref().map(path),
+        );
+        put(
+            "dataset.regularization_repeats",
+            self.reg_repeats.map(|v| v.to_string()),
+        );
+        put(
+            "dataset.prior_loss_weight",
+            self.prior_loss_weight.map(|v| format!("{v:?}")),
+        );
         put("saving.output_dir", self.output.as_ref().map(path));
         put("saving.output_name", self.name.as_deref().map(quoted));
         put("training.steps", self.steps.map(|v| v.to_string()));
@@ -272,9 +294,17 @@ impl Bar {
                 self.bar.set_position(*done as u64);
             }
             Event::Plan(p) => self.line(&format!(
-                "{} ({} uses per epoch) in {}, {} steps per epoch, {} steps; device {} ({})\n\
+                "{}{} ({} uses per epoch) in {}, {} steps per epoch, {} steps; device {} ({})\n\
                  output: {}",
                 crate::words::count(p.images as u64, "image"),
+                match p.regularization_images {
+                    0 => String::new(),
+                    n => format!(
+                        " and {} ({} uses)",
+                        crate::words::count(n as u64, "regularization image"),
+                        p.regularization_samples_per_epoch
+                    ),
+                },
                 p.samples_per_epoch,
                 crate::words::count(p.buckets.len() as u64, "bucket"),
                 p.steps_per_epoch,

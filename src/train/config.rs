@@ -523,7 +523,9 @@ fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<(), ConfigE
             }
         };
     }
-    if !table.contains_key(*last) && !matches!(*last, "vae" | "init_from") {
+    // Optional paths are absent from the defaults' document.
+    let optional = matches!(*last, "vae" | "init_from" | "regularization_folder");
+    if !table.contains_key(*last) && !optional {
         return Err(ConfigError(format!("`--set {key}`: unknown key `{last}`")));
     }
     table.insert((*last).to_owned(), value);

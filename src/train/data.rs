@@ -1,6 +1,7 @@
 //! What the trainer sees of a dataset: each image in its aspect-ratio bucket, repeated, in a shuffled order that
 //! depends only on the seed and the epoch (so a resumed run sees the same batches), cropped to its bucket, and its
-//! caption varied as configured (tag shuffle keeping the first N, tag dropout, caption dropout).
+//! caption varied as configured (tag shuffle keeping the first N, tag dropout, caption dropout). Regularization
+//! (prior-preservation) images join the same buckets, as many uses per epoch as the dataset's, as kohya does.
 
 use crate::dataset::buckets::{BucketConfig, Buckets};
 use crate::dataset::inspect::{dimensions, open_image};
@@ -18,9 +19,13 @@ use std::path::PathBuf;
 pub struct Item {
     pub path: PathBuf,
     pub caption: String,
+    /// Uses per epoch as its folder sets them (a regularization image's uses follow from the dataset's: see
+    /// [`DataPlan::uses`]).
     pub repeats: u32,
     /// (width, height) of its bucket.
     pub bucket: (u32, u32),
+    /// A regularization image: its loss is weighted by `dataset.prior_loss_weight`.
+    pub regularization: bool,
 }
 
 /// One use of an image in an epoch.
@@ -33,12 +38,15 @@ pub struct Sample {
 /// The trainable images of a dataset and how epochs are drawn from them.
 #[derive(Clone, Debug)]
 pub struct DataPlan {
+    /// The dataset's images, then the regularization images (in scan order).
     pub items: Vec<Item>,
     /// Images that cannot be read (path, why): left out, reported once.
     pub skipped: Vec<(PathBuf, String)>,
     /// How much the most upscaled image is enlarged to cover its bucket, and how many are (the dataset
     /// workspace's "too small" check, from the same placement).
     pub upscaled: (usize, f64),
+    /// Regularization images left out because an epoch reaches the dataset's uses before them.
+    pub regularization_unused: usize,
     batch_size: usize,
     flip: bool,
     seed: u64,
@@ -47,55 +55,125 @@ pub struct DataPlan {
 impl DataPlan {
     /// Places every readable image of `scan` in its bucket (square at the resolution when bucketing is off).
     pub fn new(scan: &Scan, cfg: &DatasetConfig, batch_size: usize, seed: u64) -> DataPlan {
-        let buckets = Buckets::new(&bucket_config(cfg));
-        let (mut items, mut skipped, mut upscaled) = (Vec::new(), Vec::new(), (0, 1.0f64));
+        let mut plan = DataPlan {
+            items: Vec::new(),
+            skipped: Vec::new(),
+            upscaled: (0, 1.0),
+            regularization_unused: 0,
+            batch_size: batch_size.max(1),
+            flip: cfg.flip,
+            seed,
+        };
+        plan.place(scan, cfg, false);
+        plan
+    }
+
+    /// Adds the readable images of the regularization folder's `scan`: kohya `N_name` folders give N repeats,
+    /// other images `dataset.regularization_repeats`. Those an epoch never reaches are left out and counted.
+    pub fn with_regularization(mut self, scan: &Scan, cfg: &DatasetConfig) -> DataPlan {
+        self.place(scan, cfg, true);
+        let uses = self.uses();
+        let before = self.items.len();
+        let mut used = uses.iter();
+        self.items.retain(|item| {
+            let n = used.next().copied().unwrap_or(0);
+            n > 0 || !item.regularization
+        });
+        self.regularization_unused = before - self.items.len();
+        self
+    }
+
+    fn place(&mut self, scan: &Scan, cfg: &DatasetConfig, regularization: bool) {
+        let buckets = if cfg.bucketing {
+            Buckets::new(&bucket_config(cfg))
+        } else {
+            Buckets::square(cfg.resolution)
+        };
         for e in &scan.entries {
             let size = match crate::dataset::decoded::broken(&e.path) {
                 Some(why) => Err(crate::dataset::ImageError(why)),
                 None => dimensions(&e.path),
             };
-            match size {
-                Ok(size) => items.push(Item {
-                    path: e.path.clone(),
-                    caption: if e.caption.status == CaptionStatus::Ok {
-                        e.caption.text.trim().to_owned()
-                    } else {
-                        String::new()
-                    },
-                    repeats: scan.repeats_of(&e.folder),
-                    bucket: {
-                        let placed = if cfg.bucketing {
-                            buckets.place(size)
-                        } else {
-                            Buckets::square(cfg.resolution).place(size)
-                        };
-                        if placed.upscaled() {
-                            upscaled = (upscaled.0 + 1, upscaled.1.max(placed.scale));
-                        }
-                        placed.bucket
-                    },
-                }),
-                Err(why) => skipped.push((e.path.clone(), why.0)),
+            let size = match size {
+                Ok(size) => size,
+                Err(why) => {
+                    self.skipped.push((e.path.clone(), why.0));
+                    continue;
+                }
+            };
+            let placed = buckets.place(size);
+            if placed.upscaled() {
+                self.upscaled = (self.upscaled.0 + 1, self.upscaled.1.max(placed.scale));
             }
-        }
-        DataPlan {
-            items,
-            skipped,
-            upscaled,
-            batch_size: batch_size.max(1),
-            flip: cfg.flip,
-            seed,
+            let repeats = match scan.folders.iter().find(|f| f.name == e.folder) {
+                _ if !regularization => scan.repeats_of(&e.folder),
+                Some(f) if f.repeats.from_folder_name => f.repeats.count,
+                _ => cfg.regularization_repeats.max(1),
+            };
+            self.items.push(Item {
+                path: e.path.clone(),
+                caption: if e.caption.status == CaptionStatus::Ok {
+                    e.caption.text.trim().to_owned()
+                } else {
+                    String::new()
+                },
+                repeats,
+                bucket: placed.bucket,
+                regularization,
+            });
         }
     }
 
-    /// The batches of epoch `epoch`: every image `repeats` times (each use mirrored with probability ½ when flipping),
-    /// shuffled, grouped by bucket into batches of at most the batch size, then the batches shuffled.
+    /// Uses of each item per epoch: a dataset image its repeats; the regularization images together as many as
+    /// the dataset's, filled as kohya's sd-scripts does — in order, each its repeats until the count is reached
+    /// (the last one may pass it), then one more use each, round after round.
+    pub fn uses(&self) -> Vec<u64> {
+        let target: u64 = self
+            .items
+            .iter()
+            .filter(|i| !i.regularization)
+            .map(|i| u64::from(i.repeats))
+            .sum();
+        let reg: Vec<u32> = self
+            .items
+            .iter()
+            .filter(|i| i.regularization)
+            .map(|i| i.repeats)
+            .collect();
+        let mut filled = fill(&reg, target).into_iter();
+        self.items
+            .iter()
+            .map(|i| {
+                if i.regularization {
+                    filled.next().unwrap_or(0)
+                } else {
+                    u64::from(i.repeats)
+                }
+            })
+            .collect()
+    }
+
+    /// Image uses per epoch: (dataset, regularization).
+    pub fn epoch_uses(&self) -> (u64, u64) {
+        let mut uses = (0, 0);
+        for (item, n) in self.items.iter().zip(self.uses()) {
+            if item.regularization {
+                uses.1 += n;
+            } else {
+                uses.0 += n;
+            }
+        }
+        uses
+    }
+
+    /// The batches of epoch `epoch`: every image used `uses` times (each use mirrored with probability ½ when
+    /// flipping), shuffled, grouped by bucket into batches of at most the batch size, then the batches shuffled.
     pub fn epoch(&self, epoch: u64) -> Vec<Vec<Sample>> {
         let mut rng =
             ChaCha8Rng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut by_bucket: BTreeMap<(u32, u32), Vec<Sample>> = BTreeMap::new();
-        for (i, item) in self.items.iter().enumerate() {
-            for _ in 0..item.repeats {
+        for (i, (item, uses)) in self.items.iter().zip(self.uses()).enumerate() {
+            for _ in 0..uses {
                 let flip = self.flip && rng.random_bool(0.5);
                 by_bucket
                     .entry(item.bucket)
@@ -112,16 +190,44 @@ impl DataPlan {
         batches
     }
 
-    pub fn steps_per_epoch(&self) -> usize {
-        let mut per_bucket: BTreeMap<(u32, u32), usize> = BTreeMap::new();
-        for item in &self.items {
-            *per_bucket.entry(item.bucket).or_default() += item.repeats as usize;
+    /// Image uses per epoch by bucket (regularization images included).
+    pub fn bucket_uses(&self) -> BTreeMap<(u32, u32), u64> {
+        let mut per_bucket: BTreeMap<(u32, u32), u64> = BTreeMap::new();
+        for (item, n) in self.items.iter().zip(self.uses()) {
+            if n > 0 {
+                *per_bucket.entry(item.bucket).or_default() += n;
+            }
         }
         per_bucket
+    }
+
+    pub fn steps_per_epoch(&self) -> usize {
+        self.bucket_uses()
             .values()
-            .map(|n| n.div_ceil(self.batch_size))
+            .map(|&n| n.div_ceil(self.batch_size as u64) as usize)
             .sum()
     }
+}
+
+/// kohya's regularization fill: uses of each image (of `repeats`) that add up to at least `target`.
+fn fill(repeats: &[u32], target: u64) -> Vec<u64> {
+    let mut uses = vec![0; repeats.len()];
+    let mut n = 0;
+    for (u, &r) in uses.iter_mut().zip(repeats) {
+        if n >= target {
+            return uses;
+        }
+        *u = u64::from(r);
+        n += u64::from(r);
+    }
+    let len = repeats.len() as u64;
+    if n < target && len > 0 {
+        let (rounds, rest) = ((target - n) / len, (target - n) % len);
+        for (i, u) in (0..).zip(uses.iter_mut()) {
+            *u += rounds + u64::from(i < rest);
+        }
+    }
+    uses
 }
 
 /// The buckets a dataset config trains with (made consistent).
@@ -299,6 +405,109 @@ mod tests {
             .collect();
         let report = crate::dataset::Report::build(&scan, &inspections, &bucket_config(&cfg), 2);
         assert_eq!(report.steps_per_epoch as usize, plan.steps_per_epoch());
+    }
+
+    /// Square regularization images: `2_woman` (three, kohya repeats 2) and `other` (one, the configured repeats).
+    fn regularization(dir: &std::path::Path) -> Scan {
+        for (rel, n) in [
+            ("2_woman/r0.png", 0),
+            ("2_woman/r1.png", 1),
+            ("2_woman/r2.png", 2),
+        ]
+        .into_iter()
+        .chain([("other/r3.png", 3)])
+        {
+            let p = dir.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            image::RgbImage::from_fn(512, 512, |x, _| image::Rgb([n, (x % 256) as u8, 0]))
+                .save(&p)
+                .unwrap();
+            std::fs::write(p.with_extension("txt"), "a woman").unwrap();
+        }
+        crate::dataset::scan(dir, &AtomicBool::new(false)).unwrap()
+    }
+
+    #[test]
+    fn regularization_images_fill_an_epoch_with_as_many_uses_as_the_dataset() {
+        let (data, reg) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let cfg = DatasetConfig::default();
+        let plan = DataPlan::new(&dataset(data.path()), &cfg, 2, 7)
+            .with_regularization(&regularization(reg.path()), &cfg);
+        let names = |flag: bool| -> Vec<String> {
+            (plan.items.iter().filter(|i| i.regularization == flag))
+                .map(|i| i.path.file_name().unwrap().to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(names(true), ["r0.png", "r1.png", "r2.png", "r3.png"]);
+        assert_eq!(names(false).len(), 4);
+        assert_eq!(plan.items[4].repeats, 2, "the kohya folder's repeats");
+        assert_eq!(plan.items[7].repeats, 1, "regularization_repeats");
+        // The dataset: 3 images × 3 repeats + 1 = 10 uses. The first pass gives 2 + 2 + 2 + 1 = 7; then one more
+        // use each from the first image on until 10.
+        assert_eq!(plan.uses()[4..], [3, 3, 3, 1]);
+        assert_eq!(plan.epoch_uses(), (10, 10));
+        let e0 = plan.epoch(0);
+        let mut uses = vec![0u64; plan.items.len()];
+        let mut mixed = false;
+        for batch in &e0 {
+            let bucket = plan.items[batch[0].item].bucket;
+            assert!(batch.iter().all(|s| plan.items[s.item].bucket == bucket));
+            let reg = batch
+                .iter()
+                .filter(|s| plan.items[s.item].regularization)
+                .count();
+            mixed |= reg > 0 && reg < batch.len();
+            batch.iter().for_each(|s| uses[s.item] += 1);
+        }
+        assert_eq!(uses, plan.uses(), "each image as often as planned");
+        assert!(mixed, "regularization and dataset samples share batches");
+        assert_eq!(e0.len(), plan.steps_per_epoch());
+        assert!(
+            plan.steps_per_epoch()
+                > DataPlan::new(&dataset(data.path()), &cfg, 2, 7).steps_per_epoch()
+        );
+        assert_eq!(plan.epoch(0), e0, "same seed and epoch, same batches");
+        assert_ne!(plan.epoch(1), e0);
+        let other_seed = DataPlan::new(&dataset(data.path()), &cfg, 2, 8)
+            .with_regularization(&regularization(reg.path()), &cfg);
+        assert_ne!(other_seed.epoch(0), e0);
+    }
+
+    #[test]
+    fn regularization_uses_follow_kohya_and_unreached_images_are_left_out() {
+        assert_eq!(fill(&[1, 1, 1], 7), [3, 2, 2], "cycling, one use per round");
+        assert_eq!(
+            fill(&[4, 4, 4], 10),
+            [4, 4, 4],
+            "the first pass may pass the count"
+        );
+        assert_eq!(
+            fill(&[2, 2, 2, 2], 3),
+            [2, 2, 0, 0],
+            "images after the count are not used"
+        );
+        assert_eq!(fill(&[], 5), Vec::<u64>::new());
+        assert_eq!(fill(&[3], 0), [0]);
+        // One dataset image, repeats 1: only the first regularization image is used.
+        let (data, reg) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let p = data.path().join("only.png");
+        image::RgbImage::new(512, 512).save(&p).unwrap();
+        let scan = crate::dataset::scan(data.path(), &AtomicBool::new(false)).unwrap();
+        let cfg = DatasetConfig {
+            regularization_repeats: 5,
+            ..Default::default()
+        };
+        let plan =
+            DataPlan::new(&scan, &cfg, 1, 0).with_regularization(&regularization(reg.path()), &cfg);
+        assert_eq!(plan.items.len(), 2);
+        assert!(plan.items[1].path.ends_with("2_woman/r0.png"));
+        assert_eq!(plan.regularization_unused, 3);
+        assert_eq!(
+            plan.epoch_uses(),
+            (1, 2),
+            "kohya's first pass keeps the image's own repeats"
+        );
+        assert_eq!(plan.steps_per_epoch(), 3);
     }
 
     #[test]

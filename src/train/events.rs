@@ -51,9 +51,14 @@ impl Phase {
 /// What the run will do, sent once the dataset and model are known.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Plan {
+    /// Images of the dataset (regularization images apart).
     pub images: usize,
-    /// Image uses per epoch (repeats included).
+    /// Regularization images an epoch uses (0 without a regularization folder).
+    pub regularization_images: usize,
+    /// Image uses per epoch (repeats and regularization images included).
     pub samples_per_epoch: usize,
+    /// Of those, the regularization images' uses (as many as the dataset's, or a few more).
+    pub regularization_samples_per_epoch: usize,
     /// Buckets as (width, height, image uses per epoch).
     pub buckets: Vec<(u32, u32, usize)>,
     pub steps_per_epoch: usize,

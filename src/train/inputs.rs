@@ -176,7 +176,7 @@ impl Inputs<'_> {
                 data.plan.items.push(item);
             }
         }
-        if data.plan.items.is_empty() {
+        if data.plan.items.iter().all(|i| i.regularization) {
             return Err(Failure::new(
                 "Every image of the dataset failed to decode.",
                 "Check the files in the Dataset workspace (Problems filter) and replace the broken ones.",

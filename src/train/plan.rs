@@ -81,12 +81,28 @@ impl OutputPaths {
 /// The dataset as the run uses it.
 pub struct Data {
     pub scan: Scan,
+    /// The regularization folder's scan, when one is set.
+    pub regularization: Option<Scan>,
     pub plan: DataPlan,
     pub warnings: Vec<String>,
 }
 
-/// Scans the dataset folder, reads captions with the configured extension and places every readable image in
-/// its bucket. Fails, with what to do, when nothing can be trained or no batch can be filled.
+/// Scans `folder`, reading captions with the configured extension.
+fn scan_folder(folder: &Path, config: &TrainConfig) -> Result<Scan, crate::dataset::ScanError> {
+    let mut scan = crate::dataset::scan(folder, &AtomicBool::new(false))?;
+    let ext = crate::dataset::project::normalize_ext(&config.dataset.caption_extension);
+    if ext != scan.project.caption_ext() {
+        for e in &mut scan.entries {
+            e.caption_path = caption_path_for(&e.path, &ext);
+            e.caption = Caption::load(&e.caption_path);
+        }
+    }
+    Ok(scan)
+}
+
+/// Scans the dataset folder (and the regularization folder, when set), reads captions with the configured
+/// extension and places every readable image in its bucket. Fails, with what to do, when nothing can be
+/// trained or no batch can be filled.
 pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
     let folder = &config.dataset.folder;
     if folder.as_os_str().is_empty() {
@@ -95,15 +111,8 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
             "Open a dataset folder (images with .txt captions), or set `dataset.folder`.",
         ));
     }
-    let mut scan = crate::dataset::scan(folder, &AtomicBool::new(false))
-        .map_err(|e| Failure::new(e.to_string(), ""))?;
+    let scan = scan_folder(folder, config).map_err(|e| Failure::new(e.to_string(), ""))?;
     let ext = crate::dataset::project::normalize_ext(&config.dataset.caption_extension);
-    if ext != scan.project.caption_ext() {
-        for e in &mut scan.entries {
-            e.caption_path = caption_path_for(&e.path, &ext);
-            e.caption = Caption::load(&e.caption_path);
-        }
-    }
     if scan.entries.is_empty() {
         return Err(Failure::new(
             format!("{} holds no images.", folder.display()),
@@ -112,7 +121,7 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
         ));
     }
     let batch = config.training.batch_size as usize;
-    let plan = DataPlan::new(&scan, &config.dataset, batch, config.training.seed);
+    let mut plan = DataPlan::new(&scan, &config.dataset, batch, config.training.seed);
     if plan.items.is_empty() {
         return Err(Failure::new(
             format!(
@@ -125,12 +134,37 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
             "Check the files in the Dataset workspace (Problems filter) and replace the broken ones.",
         ));
     }
-    let uses: u64 = plan.items.iter().map(|i| u64::from(i.repeats)).sum();
+    let regularization = match &config.dataset.regularization_folder {
+        Some(reg) if !reg.as_os_str().is_empty() => {
+            let reg_scan = load_regularization(config, reg)?;
+            let skipped = plan.skipped.len();
+            plan = plan.with_regularization(&reg_scan, &config.dataset);
+            let readable =
+                plan.items.iter().filter(|i| i.regularization).count() + plan.regularization_unused;
+            if let (0, Some((path, why))) = (readable, plan.skipped.get(skipped)) {
+                return Err(Failure::new(
+                    format!(
+                        "None of the {} images in the regularization folder {} (`{REG_KEY}`) can be read \
+                         (first: {}: {why}).",
+                        plan.skipped.len() - skipped,
+                        reg.display(),
+                        path.display()
+                    ),
+                    "Replace the broken images (open the folder in the Dataset workspace to see them), or \
+                     clear the regularization folder to train without it.",
+                ));
+            }
+            Some(reg_scan)
+        }
+        _ => None,
+    };
+    let (dataset_uses, reg_uses) = plan.epoch_uses();
+    let uses = dataset_uses + reg_uses;
     if uses > MAX_USES_PER_EPOCH {
         return Err(Failure::new(
             format!(
-                "An epoch of {} would use {uses} images (repeats included); at most {MAX_USES_PER_EPOCH} fit \
-                 in memory.",
+                "An epoch of {} would use {uses} images (repeats and regularization images included); at \
+                 most {MAX_USES_PER_EPOCH} fit in memory.",
                 folder.display()
             ),
             "Lower the folders' repeats (the number in front of a folder name, or the Repeats field).",
@@ -163,6 +197,9 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
             "{missing} images have no usable caption ({ext}); they train with an empty caption"
         ));
     }
+    if let Some(reg) = &regularization {
+        warnings.extend(regularization_warnings(reg, &plan, &ext));
+    }
     let (upscaled, most) = plan.upscaled;
     if upscaled > 0 {
         warnings.push(format!(
@@ -171,9 +208,9 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
             plan.items.len()
         ));
     }
-    let uses = bucket_uses(&plan);
+    let uses = plan.bucket_uses();
     let largest = uses.values().copied().max().unwrap_or(0);
-    if batch > largest {
+    if batch as u64 > largest {
         return Err(Failure::new(
             format!(
                 "The batch size ({batch}) is larger than every bucket: the largest holds {largest} image uses per \
@@ -185,7 +222,7 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
             ),
         ));
     }
-    let small = uses.values().filter(|&&n| n < batch).count();
+    let small = uses.values().filter(|&&n| n < batch as u64).count();
     if small > 0 {
         warnings.push(format!(
             "{small} buckets hold fewer image uses than the batch size ({batch}); their batches are smaller"
@@ -194,6 +231,7 @@ pub fn load_data(config: &TrainConfig) -> Result<Data, Failure> {
     warnings.extend(learning_rate_warnings(config));
     Ok(Data {
         scan,
+        regularization,
         plan,
         warnings,
     })
@@ -229,13 +267,92 @@ fn learning_rate_warnings(config: &TrainConfig) -> Vec<String> {
 /// An epoch is a list of its image uses; this many take about 160 MB.
 const MAX_USES_PER_EPOCH: u64 = 10_000_000;
 
-/// Image uses per epoch by bucket.
-fn bucket_uses(plan: &DataPlan) -> BTreeMap<(u32, u32), usize> {
-    let mut uses = BTreeMap::new();
-    for item in &plan.items {
-        *uses.entry(item.bucket).or_insert(0) += item.repeats as usize;
+const REG_KEY: &str = "dataset.regularization_folder";
+
+/// Scans the regularization folder `reg`; fails, naming it, when it is missing, holds no images or overlaps
+/// the dataset folder (whose images would then train twice, once under the wrong loss weight).
+fn load_regularization(config: &TrainConfig, reg: &Path) -> Result<Scan, Failure> {
+    use crate::dataset::ScanError;
+    let clear = "or clear the regularization folder to train without regularization images";
+    let scan = scan_folder(reg, config).map_err(|e| match e {
+        ScanError::NotFound(_) => Failure::new(
+            format!(
+                "The regularization folder {} (`{REG_KEY}`) does not exist.",
+                reg.display()
+            ),
+            format!("Check the path, or use Browse… to pick the folder of regularization images, {clear}."),
+        ),
+        ScanError::NotAFolder(_) => Failure::new(
+            format!(
+                "The regularization folder {} (`{REG_KEY}`) is a file, not a folder.",
+                reg.display()
+            ),
+            format!("Choose the folder that holds the regularization images, {clear}."),
+        ),
+        other => Failure::new(format!("The regularization folder (`{REG_KEY}`): {other}"), ""),
+    })?;
+    if scan.entries.is_empty() {
+        return Err(Failure::new(
+            format!(
+                "The regularization folder {} (`{REG_KEY}`) holds no images.",
+                reg.display()
+            ),
+            format!(
+                "Put pictures of the class (.png/.jpg/.webp/.bmp, with captions such as \"a woman\") into it, \
+                 {clear}."
+            ),
+        ));
     }
-    uses
+    let (dataset, regs) = (
+        std::fs::canonicalize(&config.dataset.folder),
+        std::fs::canonicalize(reg),
+    );
+    if let (Ok(d), Ok(r)) = (dataset, regs)
+        && (d.starts_with(&r) || r.starts_with(&d))
+    {
+        let (inner, outer) = if r.starts_with(&d) {
+            ("regularization folder", "dataset folder")
+        } else {
+            ("dataset folder", "regularization folder")
+        };
+        return Err(Failure::new(
+            format!(
+                "The {inner} is inside the {outer} ({} and {}, `{REG_KEY}`): its images would be trained as \
+                 both.",
+                config.dataset.folder.display(),
+                reg.display()
+            ),
+            "Keep the regularization images in a folder of their own beside the dataset folder.",
+        ));
+    }
+    Ok(scan)
+}
+
+/// What the plan tells about the regularization images: uncaptioned ones, and those an epoch never reaches.
+fn regularization_warnings(reg: &Scan, plan: &DataPlan, ext: &str) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let missing = reg
+        .entries
+        .iter()
+        .filter(|e| !e.caption.is_usable())
+        .count();
+    if missing > 0 {
+        warnings.push(format!(
+            "{missing} regularization images have no usable caption ({ext}); they train with an empty caption: \
+             caption them with the class (\"a woman\")"
+        ));
+    }
+    if plan.regularization_unused > 0 {
+        let used = plan.items.iter().filter(|i| i.regularization).count();
+        warnings.push(format!(
+            "{} of the {} readable regularization images are not used: an epoch uses as many regularization \
+             images as dataset images ({} with repeats), the first ones first, as kohya does",
+            plan.regularization_unused,
+            used + plan.regularization_unused,
+            plan.epoch_uses().0
+        ));
+    }
+    warnings
 }
 
 /// Optimizer steps of the whole run: `training.steps`, or the epochs' batches over the accumulation.
@@ -252,12 +369,15 @@ pub fn total_steps(config: &TrainConfig, plan: &DataPlan) -> u64 {
 /// The plan event of a run.
 pub fn make_plan(config: &TrainConfig, data: &Data, device: &str, precision: &str) -> Plan {
     let out = OutputPaths::new(config);
+    let (uses, reg_uses) = data.plan.epoch_uses();
+    let reg_images = data.plan.items.iter().filter(|i| i.regularization).count();
     Plan {
-        images: data.plan.items.len(),
-        samples_per_epoch: data.plan.items.iter().map(|i| i.repeats as usize).sum(),
-        buckets: bucket_uses(&data.plan)
-            .into_iter()
-            .map(|((w, h), n)| (w, h, n))
+        images: data.plan.items.len() - reg_images,
+        regularization_images: reg_images,
+        samples_per_epoch: (uses + reg_uses) as usize,
+        regularization_samples_per_epoch: reg_uses as usize,
+        buckets: (data.plan.bucket_uses().into_iter())
+            .map(|((w, h), n)| (w, h, n as usize))
             .collect(),
         steps_per_epoch: data.plan.steps_per_epoch(),
         total_steps: total_steps(config, &data.plan),
@@ -413,11 +533,21 @@ pub fn open_model(config: &TrainConfig) -> Result<crate::model::checkpoint::Mode
     Ok(files)
 }
 
-/// The dataset's folder names as kohya records them, with repeats and image counts.
-pub fn dataset_dirs(data: &Data) -> BTreeMap<String, crate::lora::DatasetDir> {
+/// The dataset's folder names as kohya records them (`ss_dataset_dirs`; with `regularization`, the
+/// regularization folder's for `ss_reg_dataset_dirs`), with repeats and image counts.
+pub fn dataset_dirs(
+    data: &Data,
+    regularization: bool,
+) -> BTreeMap<String, crate::lora::DatasetDir> {
     let mut dirs: BTreeMap<String, crate::lora::DatasetDir> = BTreeMap::new();
-    for item in &data.plan.items {
-        let folder = folder_of(&data.scan, &item.path);
+    let scan = match (regularization, &data.regularization) {
+        (false, _) => &data.scan,
+        (true, Some(reg)) => reg,
+        (true, None) => return dirs,
+    };
+    let items = data.plan.items.iter();
+    for item in items.filter(|i| i.regularization == regularization) {
+        let folder = folder_of(scan, &item.path);
         let e = dirs.entry(folder).or_insert(crate::lora::DatasetDir {
             n_repeats: item.repeats,
             img_count: 0,
@@ -427,10 +557,10 @@ pub fn dataset_dirs(data: &Data) -> BTreeMap<String, crate::lora::DatasetDir> {
     dirs
 }
 
-/// Caption tag counts by folder (kohya's `ss_tag_frequency`).
+/// Caption tag counts by dataset folder (kohya's `ss_tag_frequency`).
 pub fn tag_frequency(data: &Data) -> BTreeMap<String, BTreeMap<String, usize>> {
     let mut freq: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
-    for item in &data.plan.items {
+    for item in data.plan.items.iter().filter(|i| !i.regularization) {
         let folder = folder_of(&data.scan, &item.path);
         let tags = freq.entry(folder).or_default();
         for tag in crate::dataset::caption::split_tags(&item.caption) {

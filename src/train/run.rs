@@ -13,7 +13,7 @@ use super::optim::{Group, Optimizer};
 use super::plan::{Data, OutputPaths, load_data, make_plan, open_model};
 use super::record::{LossLog, LossPoint, SampleInfo};
 use super::state::{self, Counters};
-use super::step::{LossOptions, diffusion_loss};
+use super::step::{LossInputs, LossOptions, loss_from};
 use crate::lora::{BaseModel, ConvLora, LoraMetadata};
 use crate::model::adapters::{Trainable, unet_slot};
 use crate::model::checkpoint::{Family, ModelFiles};
@@ -520,8 +520,8 @@ impl<'a> Trainer<'a> {
             .batch_tensors(&batch, &mut rng)
             .map_err(|e| self.failure("training", e))?;
         let options = self.loss_options();
-        let inputs =
-            || super::step::LossInputs::new(&self.schedule, options, &timesteps, &self.device);
+        let reg = self.regularization(&batch);
+        let inputs = || LossInputs::new(&self.schedule, options, &timesteps, &reg, &self.device);
         let batch = |inputs| Batch {
             latents: &latents,
             context: &context,
@@ -588,15 +588,10 @@ impl<'a> Trainer<'a> {
         scale: f64,
     ) -> candle_core::Result<(f64, GradStore)> {
         let (latents, context, timesteps, noise) = self.batch_tensors(batch, rng)?;
-        let loss = diffusion_loss(
-            &self.unet,
-            &self.schedule,
-            self.loss_options(),
-            &latents,
-            &context,
-            &timesteps,
-            &noise,
-        )?;
+        let options = self.loss_options();
+        let reg = self.regularization(batch);
+        let inputs = LossInputs::new(&self.schedule, options, &timesteps, &reg, &self.device)?;
+        let loss = loss_from(&self.unet, options, &latents, &context, &noise, &inputs)?;
         let value = f64::from(loss.to_scalar::<f32>()?);
         let grads = self.unet.backward(&loss.affine(scale, 0.0)?)?;
         Ok((value, grads))
@@ -635,7 +630,14 @@ impl<'a> Trainer<'a> {
         LossOptions {
             prediction: self.files.prediction,
             min_snr_gamma: self.config.training.min_snr_gamma,
+            prior_loss_weight: self.config.dataset.prior_loss_weight,
         }
+    }
+
+    /// Which samples of a batch are regularization images (their loss takes the prior loss weight).
+    fn regularization(&self, batch: &[super::data::Sample]) -> Vec<bool> {
+        let items = &self.data.plan.items;
+        batch.iter().map(|s| items[s.item].regularization).collect()
     }
 
     /// Latents of a batch drawn from the cached posteriors, scaled for the UNet, on the device.
@@ -1019,6 +1021,19 @@ impl<'a> Trainer<'a> {
             "ss_num_batches_per_epoch",
             self.data.plan.steps_per_epoch().to_string(),
         );
+        let reg_dirs = super::plan::dataset_dirs(&self.data, true);
+        let reg_images: u64 = (reg_dirs.values())
+            .map(|d| u64::from(d.n_repeats) * d.img_count as u64)
+            .sum();
+        put("ss_num_reg_images", reg_images.to_string());
+        put(
+            "ss_reg_dataset_dirs",
+            serde_json::json!(reg_dirs).to_string(),
+        );
+        put(
+            "ss_prior_loss_weight",
+            c.dataset.prior_loss_weight.to_string(),
+        );
         if c.dataset.keep_tokens > 0
             && let Some(trigger) = self
                 .data
@@ -1044,14 +1059,8 @@ impl<'a> Trainer<'a> {
             epoch: self.epochs_done(),
             learning_rate: c.optimizer.lr,
             resolution: (c.dataset.resolution, c.dataset.resolution),
-            num_train_images: self
-                .data
-                .plan
-                .items
-                .iter()
-                .map(|i| i.repeats as usize)
-                .sum(),
-            dataset_dirs: super::plan::dataset_dirs(&self.data),
+            num_train_images: self.data.plan.epoch_uses().0 as usize,
+            dataset_dirs: super::plan::dataset_dirs(&self.data, false),
             tag_frequency: super::plan::tag_frequency(&self.data),
             extra,
         }

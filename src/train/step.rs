@@ -1,5 +1,5 @@
 //! The denoising loss of one batch: noise clean latents at per-sample timesteps, predict, and compare in f32,
-//! optionally weighted by min-SNR-γ.
+//! each sample's loss optionally weighted by min-SNR-γ and, for regularization images, by the prior loss weight.
 
 use crate::model::unet::UNet;
 use crate::sample::{NoiseSchedule, Prediction};
@@ -11,6 +11,8 @@ pub struct LossOptions {
     pub prediction: Prediction,
     /// 0 = plain MSE; else each sample's loss is weighted by min(SNR, γ)/SNR (eps) or min(SNR, γ)/(SNR+1) (v).
     pub min_snr_gamma: f64,
+    /// Weight of a regularization sample's loss (kohya's `prior_loss_weight`); dataset samples weigh 1.
+    pub prior_loss_weight: f64,
 }
 
 /// Per-sample [B,1,1,1] tensor of `f(t)` for each timestep.
@@ -21,7 +23,8 @@ fn per_sample(values: impl Iterator<Item = f64>, device: &candle_core::Device) -
 }
 
 /// What a batch's loss needs per sample, on the device: √ᾱ and √(1 − ᾱ) [B,1,1,1], the timesteps [B] and, with
-/// min-SNR-γ, the loss weights [B].
+/// min-SNR-γ or a prior loss weight other than 1, the loss weights [B] (present for every batch of a run, so a
+/// captured step can overwrite them).
 pub struct LossInputs {
     a: Tensor,
     s: Tensor,
@@ -30,10 +33,12 @@ pub struct LossInputs {
 }
 
 impl LossInputs {
+    /// `regularization[i]`: sample `i` is a regularization image (samples past its end are not).
     pub fn new(
         schedule: &NoiseSchedule,
         options: LossOptions,
         timesteps: &[usize],
+        regularization: &[bool],
         device: &candle_core::Device,
     ) -> Result<Self> {
         let ac: Vec<f64> = timesteps
@@ -41,17 +46,21 @@ impl LossInputs {
             .map(|&t| schedule.alphas_cumprod[t])
             .collect();
         let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-        let weights = (options.min_snr_gamma > 0.0).then(|| {
-            let g = options.min_snr_gamma;
-            let w: Vec<f32> = timesteps
-                .iter()
-                .map(|&t| {
+        let (g, prior) = (options.min_snr_gamma, options.prior_loss_weight);
+        let weights = (g > 0.0 || prior != 1.0).then(|| {
+            let w: Vec<f32> = (timesteps.iter().enumerate())
+                .map(|(i, &t)| {
                     let snr = schedule.snr(t);
-                    let w = match options.prediction {
-                        Prediction::Epsilon => snr.min(g) / snr,
-                        Prediction::V => snr.min(g) / (snr + 1.0),
+                    let snr_weight = match (g > 0.0, options.prediction) {
+                        (false, _) => 1.0,
+                        (true, Prediction::Epsilon) => snr.min(g) / snr,
+                        (true, Prediction::V) => snr.min(g) / (snr + 1.0),
                     };
-                    w as f32
+                    let prior_weight = match regularization.get(i) {
+                        Some(true) => prior,
+                        _ => 1.0,
+                    };
+                    (snr_weight * prior_weight) as f32
                 })
                 .collect();
             Tensor::from_vec(w, timesteps.len(), device)
@@ -77,8 +86,8 @@ impl LossInputs {
     }
 }
 
-/// Mean loss over the batch for clean `latents` [B,4,h,w], text `context` [B,N,C], `timesteps` (one per sample)
-/// and `noise` shaped like the latents.
+/// Mean loss over a batch of dataset images (none a regularization image) for clean `latents` [B,4,h,w], text
+/// `context` [B,N,C], `timesteps` (one per sample) and `noise` shaped like the latents.
 pub fn diffusion_loss(
     unet: &UNet,
     schedule: &NoiseSchedule,
@@ -88,7 +97,7 @@ pub fn diffusion_loss(
     timesteps: &[usize],
     noise: &Tensor,
 ) -> Result<Tensor> {
-    let inputs = LossInputs::new(schedule, options, timesteps, latents.device())?;
+    let inputs = LossInputs::new(schedule, options, timesteps, &[], latents.device())?;
     loss_from(unet, options, latents, context, noise, &inputs)
 }
 
@@ -113,6 +122,12 @@ pub fn loss_from(
         .forward(&noisy, &inputs.t, context)?
         .to_dtype(DType::F32)?;
     let per = (pred - target)?.sqr()?.flatten_from(1)?.mean(1)?;
+    batch_mean(&per, inputs)
+}
+
+/// The batch's loss from the per-sample losses [B]: each weighted, then the mean over the batch (kohya's order:
+/// a regularization sample weighted 0 still counts in the mean).
+fn batch_mean(per: &Tensor, inputs: &LossInputs) -> Result<Tensor> {
     match &inputs.weights {
         None => per.mean_all(),
         Some(w) => (per * w)?.mean_all(),
@@ -135,9 +150,10 @@ mod tests {
         let options = LossOptions {
             prediction: Prediction::V,
             min_snr_gamma: 5.0,
+            prior_loss_weight: 1.0,
         };
-        let fixed = LossInputs::new(&schedule, options, &[10, 900], &Device::Cpu).unwrap();
-        let next = LossInputs::new(&schedule, options, &[500, 3], &Device::Cpu).unwrap();
+        let fixed = LossInputs::new(&schedule, options, &[10, 900], &[], &Device::Cpu).unwrap();
+        let next = LossInputs::new(&schedule, options, &[500, 3], &[], &Device::Cpu).unwrap();
         let before = fixed.a.clone();
         fixed.copy_from(&next).unwrap();
         assert_eq!(values(&before), values(&next.a), "same storage, new values");
@@ -150,5 +166,54 @@ mod tests {
         assert_eq!(values(w), values(nw));
         let a = schedule.alphas_cumprod[500].sqrt() as f32;
         assert!((values(&fixed.a)[0] - a).abs() < 1e-6);
+    }
+
+    /// Per-sample losses 1, 2, 3, 4 of which the second and fourth are regularization images.
+    fn batch_loss(options: LossOptions, timesteps: &[usize]) -> f32 {
+        let schedule = NoiseSchedule::stable_diffusion();
+        let reg = [false, true, false, true];
+        let inputs = LossInputs::new(&schedule, options, timesteps, &reg, &Device::Cpu).unwrap();
+        let per = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &Device::Cpu).unwrap();
+        batch_mean(&per, &inputs).unwrap().to_scalar().unwrap()
+    }
+
+    /// kohya: each sample's loss times its weight, then the mean over the whole batch.
+    #[test]
+    fn the_prior_loss_weight_applies_to_regularization_samples_only() {
+        let plain = LossOptions {
+            prediction: Prediction::Epsilon,
+            min_snr_gamma: 0.0,
+            prior_loss_weight: 1.0,
+        };
+        let t = [100, 200, 300, 400];
+        assert_eq!(batch_loss(plain, &t), 2.5, "weight 1: the plain mean");
+        let schedule = NoiseSchedule::stable_diffusion();
+        let unweighted = LossInputs::new(&schedule, plain, &t, &[true; 4], &Device::Cpu).unwrap();
+        assert!(unweighted.weights.is_none(), "no weights to apply");
+        let off = LossOptions {
+            prior_loss_weight: 0.0,
+            ..plain
+        };
+        assert_eq!(
+            batch_loss(off, &t),
+            1.0,
+            "weight 0: (1 + 3) / 4, the regularization samples add nothing"
+        );
+        let half = LossOptions {
+            prior_loss_weight: 0.5,
+            ..plain
+        };
+        assert_eq!(batch_loss(half, &t), (1.0 + 1.0 + 3.0 + 2.0) / 4.0);
+        // With min-SNR-γ the two weights multiply.
+        let snr = LossOptions {
+            min_snr_gamma: 1.0,
+            ..half
+        };
+        let w: Vec<f32> = t
+            .iter()
+            .map(|&t| (schedule.snr(t).min(1.0) / schedule.snr(t)) as f32)
+            .collect();
+        let want = (w[0] + 2.0 * w[1] * 0.5 + 3.0 * w[2] + 4.0 * w[3] * 0.5) / 4.0;
+        assert!((batch_loss(snr, &t) - want).abs() < 1e-6);
     }
 }
