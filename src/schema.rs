@@ -61,15 +61,6 @@ impl Bound {
         }
     }
 
-    const fn between(min: f64, max: f64) -> Bound {
-        Bound::Real {
-            min,
-            max,
-            min_open: true,
-            max_open: true,
-        }
-    }
-
     pub fn admits(&self, n: Number) -> bool {
         match (*self, n) {
             (Bound::Whole { min, max, step }, Number::Whole(v)) => {
