@@ -474,17 +474,23 @@ impl Mapper {
 
     fn warmup(&mut self, steps: Option<u64>) -> Result<(), ConfigError> {
         let percent = if self.gui {
-            self.real("lr_warmup")?.filter(|&p| p != 0.0)
+            self.real("lr_warmup")?
         } else {
             None
         };
-        let Some(v) = self.get("lr_warmup_steps").filter(|v| !is_empty(v)) else {
+        let given = self.get("lr_warmup_steps");
+        let Some(v) = given.clone().filter(|v| !is_empty(v)) else {
             return match percent {
-                Some(p) => self.relative_warmup("lr_warmup", p / 100.0, steps),
-                None => Ok(()),
+                Some(p) if p != 0.0 => self.relative_warmup("lr_warmup", p / 100.0, steps),
+                // An explicit 0 is no warmup, whatever the preset has.
+                _ if percent.is_some() || given.is_some() => {
+                    self.set("optimizer.warmup_steps", toml::Value::Integer(0));
+                    Ok(())
+                }
+                _ => Ok(()),
             };
         };
-        if percent.is_some() {
+        if percent.is_some_and(|p| p != 0.0) {
             self.skip("lr_warmup", "superseded by lr_warmup_steps");
         }
         match num_of(&v) {
@@ -540,8 +546,11 @@ impl Mapper {
         }
         let every_steps = self.put_whole("save_every_n_steps", "saving.every_n_steps")?;
         let every_epochs = self.put_whole("save_every_n_epochs", "saving.every_n_epochs")?;
+        // kohya keeps every save unless told otherwise: 0 here too, when the file says.
         let mut keep = Vec::new();
-        if let Some(n) = self.whole("save_last_n_epochs")?.filter(|&n| n != 0) {
+        let last_epochs = self.whole("save_last_n_epochs")?;
+        let last_steps = self.whole("save_last_n_steps")?;
+        if let Some(n) = last_epochs.filter(|&n| n != 0) {
             match every_epochs.filter(|&e| e > 0) {
                 Some(_) => keep.push(("save_last_n_epochs", n)),
                 None => self.skip(
@@ -550,7 +559,7 @@ impl Mapper {
                 ),
             }
         }
-        if let Some(n) = self.whole("save_last_n_steps")?.filter(|&n| n != 0) {
+        if let Some(n) = last_steps.filter(|&n| n != 0) {
             // sd-scripts keeps the saves of the last N steps; ours counts saves.
             match every_steps.filter(|&e| e > 0) {
                 Some(e) => keep.push(("save_last_n_steps", (n / i128::from(e)).max(1))),
@@ -560,8 +569,14 @@ impl Mapper {
                 ),
             }
         }
-        if let Some((key, n)) = keep.into_iter().max_by_key(|(_, n)| *n) {
-            self.set_whole(key, "saving.keep_last", n);
+        match keep.into_iter().max_by_key(|(_, n)| *n) {
+            Some((key, n)) => {
+                self.set_whole(key, "saving.keep_last", n);
+            }
+            None if last_epochs.is_some() || last_steps.is_some() => {
+                self.set("saving.keep_last", toml::Value::Integer(0));
+            }
+            None => {}
         }
         if let Some(p) = self.text("save_precision")? {
             match p.to_ascii_lowercase().as_str() {

@@ -75,6 +75,10 @@ fn a_kohya_ss_gui_config_maps_onto_our_keys() {
         o.warmup_steps, preset.optimizer.warmup_steps,
         "lr_warmup is listed"
     );
+    assert_eq!(
+        c.saving.keep_last, 0,
+        "save_last_n_steps 0 keeps every save"
+    );
     let t = &c.training;
     assert!(t.train_text_encoder);
     assert_eq!((t.batch_size, t.steps, t.epochs), (3, 0, 1));
@@ -273,6 +277,8 @@ fn steps_epochs_and_warmup_follow_kohya() {
     assert_eq!(keys(&i), ["epoch", "max_train_steps"]);
     let c = over_preset(&small("\"lr_warmup\": 10, \"lr_warmup_steps\": 40").unwrap());
     assert_eq!(c.optimizer.warmup_steps, 40);
+    let c = over_preset(&small("\"lr_warmup\": \"0\"").unwrap());
+    assert_eq!(c.optimizer.warmup_steps, 0, "not the preset's warmup");
     let c =
         over_preset(&small("\"lr_scheduler\": \"polynomial\", \"lr_scheduler_power\": 1").unwrap());
     assert_eq!(c.optimizer.schedule, LrSchedule::Linear);
