@@ -16,9 +16,12 @@ const TARGETS: [(Targets, &str); 3] = [
     (Targets::AttentionAndFeedForward, "Attention + feed-forward"),
     (Targets::All, "All (with LoCon convs)"),
 ];
-const OPTIMIZERS: [(OptimizerKind, &str); 2] = [
+const OPTIMIZERS: [(OptimizerKind, &str); 5] = [
     (OptimizerKind::AdamW, "AdamW"),
+    (OptimizerKind::AdamW8bit, "AdamW 8-bit"),
     (OptimizerKind::Adafactor, "Adafactor"),
+    (OptimizerKind::Prodigy, "Prodigy"),
+    (OptimizerKind::Lion, "Lion"),
 ];
 const SCHEDULES: [(LrSchedule, &str); 4] = [
     (LrSchedule::Constant, "Constant"),
@@ -87,7 +90,8 @@ pub fn common(ui: &mut Ui, c: &mut TrainConfig, errors: &mut FormErrors) -> bool
         let mut ch = form_combo(
             ui,
             schema::OPTIMIZER.label,
-            "AdamW is the usual choice; Adafactor keeps less state (less memory).",
+            "AdamW is the usual choice; AdamW 8-bit and Adafactor keep less state (less memory); Prodigy sets its \
+             own step size (learning rate 1); Lion wants a learning rate 3-10x below AdamW's.",
             &mut c.optimizer.kind,
             &OPTIMIZERS,
         );
