@@ -119,6 +119,12 @@ fn settings(
             )));
         }
     };
+    if table.get("datasets").is_some_and(toml::Value::is_array) {
+        return Err(ConfigError(format!(
+            "{name} is an sd-scripts dataset config (--dataset_config): import the training config \
+             (--config_file, or the kohya_ss GUI's .json) instead; lora-studio reads the dataset folder itself"
+        )));
+    }
     if table.contains_key("schema") && table.get("model").is_some_and(toml::Value::is_table) {
         return Err(ConfigError(format!(
             "{name} is a lora-studio config, not a kohya one: use it with `train --config`"

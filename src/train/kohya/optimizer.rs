@@ -184,12 +184,17 @@ impl Mapper {
         if self.gui {
             unet_only |= !te_set && unet_set;
         }
-        if te_only || (self.gui && te_set && !unet_set) || (!self.gui && unet == Some(0.0)) {
-            let key = if te_only {
-                "network_train_text_encoder_only"
-            } else {
-                "unet_lr"
-            };
+        let key = if te_only {
+            Some("network_train_text_encoder_only")
+        } else if self.gui && te_set && !unet_set {
+            // The GUI trains the text encoder alone when only its rate is set.
+            Some("text_encoder_lr")
+        } else if !self.gui && unet == Some(0.0) {
+            Some("unet_lr")
+        } else {
+            None
+        };
+        if let Some(key) = key {
             self.skip(
                 key,
                 "kohya trains the text encoder alone here; lora-studio always trains the UNet adapters",

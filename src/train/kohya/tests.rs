@@ -259,6 +259,10 @@ fn learning_rates_decide_what_is_trained_as_kohya_does() {
     assert!(c.training.train_text_encoder);
     assert_eq!(c.optimizer.lr_text_encoder, 1e-4);
     // A text-encoder rate above our range is listed and the text encoder left untrained.
+    // The GUI trains the text encoder alone when only its rate is set; we train the UNet anyway.
+    let i = small("\"learning_rate\": 1e-4, \"text_encoder_lr\": 5e-5").unwrap();
+    assert_eq!(keys(&i), ["text_encoder_lr"]);
+    assert!(i.skipped[0].why.contains("always trains the UNet"));
     let i = small("\"unet_lr\": 1.0, \"text_encoder_lr\": 1.0").unwrap();
     assert!(!over_preset(&i).training.train_text_encoder);
     assert_eq!(keys(&i), ["text_encoder_lr"]);
@@ -411,6 +415,11 @@ fn files_that_are_not_kohya_configs_say_what_they_are() {
             "schema = 1\n[model]\ncheckpoint = \"x\"\n",
             "a.toml",
             "is a lora-studio config",
+        ),
+        (
+            "[general]\nshuffle_caption = true\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = \"x\"\n",
+            "d.toml",
+            "is an sd-scripts dataset config",
         ),
     ] {
         let e = parse(text, Path::new(name)).unwrap_err().0;
