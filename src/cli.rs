@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicBool;
 mod bench;
 mod bench_kernels;
 mod bench_train;
+mod config;
 mod sample;
 mod train;
 
@@ -37,6 +38,9 @@ pub enum Command {
     Dataset(DatasetCommand),
     /// Train a LoRA (headless; the same engine as the GUI's Train button).
     Train(Box<train::TrainArgs>),
+    /// Work with training configs (import a kohya_ss or sd-scripts config).
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
     /// Generate an image from a checkpoint, optionally with LoRAs.
     Sample(sample::SampleArgs),
     /// Measure speed.
@@ -127,6 +131,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Some(Command::Gui { dataset }) => crate::app::run_gui(dataset).map(|()| ExitCode::SUCCESS),
         Some(Command::Dataset(cmd)) => dataset(cmd),
         Some(Command::Bench(cmd)) => bench::run(cmd),
+        Some(Command::Config(cmd)) => config::run(cmd),
         Some(Command::Sample(args)) => sample::run(&args),
         Some(Command::Train(args)) => train::run(&args),
     }

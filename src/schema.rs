@@ -362,8 +362,8 @@ pub const LR: Field = Field::number(
 pub const LR_TEXT_ENCODER: Field = Field::number(
     "optimizer.lr_text_encoder",
     "Text encoder LR",
-    Bound::below(0.0, 1.0),
-    "half the UNet's learning rate",
+    Bound::real(0.0, 10.0),
+    "half the UNet's learning rate; 1 for Prodigy",
 );
 pub const SCHEDULE: Field = Field::choice("optimizer.schedule", "LR schedule");
 pub const WARMUP_STEPS: Field = Field::number(

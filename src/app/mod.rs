@@ -4,6 +4,7 @@
 mod dataset_jobs;
 mod dataset_tools;
 pub mod dataset_view;
+pub mod kohya_import;
 mod past_runs;
 mod plan_view;
 mod resume;
@@ -132,6 +133,9 @@ impl LoraStudioApp {
             images: s.entries.len(),
         });
         self.training.poll(ui.ctx(), &mut self.state.training, open);
+        if let Some(dir) = self.training.take_dataset_to_open() {
+            self.dataset.open(ui.ctx(), &self.state.dataset, dir);
+        }
         if let Some(run) = self.training.run() {
             self.state.training.remember_output_dir(&run.output_dir());
         }

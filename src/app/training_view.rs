@@ -1,6 +1,7 @@
 //! The Training workspace: configure a run (model, device, preset, settings, sample prompts, output) beside its
 //! plan, then start, pause, stop and watch it (phase, progress, loss and learning-rate curves, memory, log).
 
+use super::kohya_import::{Applied, KohyaImport};
 use super::plan_view;
 use super::resume::{self, ReplaceAnswer, Resumable};
 use super::run_view::{self, CurveOptions, Run};
@@ -159,6 +160,9 @@ pub struct TrainingView {
     /// Values typed into the form that are not valid (the config keeps the last valid one).
     form_errors: FormErrors,
     save_preset: Option<SavePresetForm>,
+    kohya: KohyaImport,
+    /// A dataset folder an import named, for the Dataset workspace to open.
+    dataset_to_open: Option<PathBuf>,
     pub(super) run: Option<Run>,
     /// A stopped run saved in the output folder, which Resume continues and a new run would replace.
     resumable: Option<Resumable>,
@@ -198,6 +202,8 @@ impl TrainingView {
             validation: None,
             form_errors: FormErrors::default(),
             save_preset: None,
+            kohya: KohyaImport::new(ctx),
+            dataset_to_open: None,
             run: None,
             resumable: None,
             resumable_generation: 0,
@@ -224,6 +230,15 @@ impl TrainingView {
 
     pub fn plan(&self) -> Option<&Result<Box<Preview>, String>> {
         self.plan.as_ref()
+    }
+
+    pub fn kohya_import(&self) -> &KohyaImport {
+        &self.kohya
+    }
+
+    /// The dataset folder an imported config names, once: the Dataset workspace opens it.
+    pub fn take_dataset_to_open(&mut self) -> Option<PathBuf> {
+        self.dataset_to_open.take()
     }
 
     /// True while the model check or the plan is being computed or waits for typing to pause.
@@ -324,6 +339,11 @@ impl TrainingView {
                     }
                 }
             }
+        }
+        let preset =
+            (self.presets.iter().find(|p| p.name == settings.preset)).or(self.presets.first());
+        if let Some(applied) = preset.and_then(|p| self.kohya.poll(p, &settings.config)) {
+            self.imported(ctx, settings, applied);
         }
         let c = &settings.config;
         let key = (c.model.checkpoint.clone(), c.model.vae.clone());
@@ -508,6 +528,16 @@ impl TrainingView {
         }
     }
 
+    /// An imported kohya config replaces the settings, as a preset does.
+    fn imported(&mut self, ctx: &egui::Context, settings: &mut TrainingSettings, applied: Applied) {
+        settings.config = applied.config;
+        self.form_errors.reset(ctx);
+        self.validation = None;
+        self.dataset_to_open = applied.dataset;
+        self.status = "Imported the kohya config.".into();
+        self.model_changed();
+    }
+
     /// Draws the workspace.
     pub fn ui(&mut self, ui: &mut Ui, settings: &mut TrainingSettings) {
         egui::Panel::left("training-config")
@@ -544,6 +574,8 @@ impl TrainingView {
         self.device_line(ui);
         ui.separator();
         self.preset_section(ui, settings);
+        self.kohya
+            .ui(ui, &settings.config.dataset.caption_extension);
         ui.separator();
         self.dataset_and_output(ui, settings);
         ui.separator();

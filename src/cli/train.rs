@@ -5,6 +5,7 @@ use crate::schema;
 use crate::train::config::TrainConfig;
 use crate::train::engine::{Engine, StartOptions};
 use crate::train::events::{Command, Event, Phase};
+use crate::train::kohya::{self, Skipped};
 use crate::train::presets;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,6 +19,10 @@ pub struct TrainArgs {
     /// A training config (TOML); see `docs/` or a preset for the keys.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// A kohya_ss GUI config (.json) or an sd-scripts config (.toml), imported over the preset and under
+    /// --config; what it sets that lora-studio cannot do is listed before the run.
+    #[arg(long, value_name = "FILE")]
+    kohya_config: Option<PathBuf>,
     /// A preset by name (sd15-6gb, sd15-8gb, sd15-12gb, cpu-demo, or one of yours) or a preset file.
     #[arg(long)]
     preset: Option<String>,
@@ -143,8 +148,9 @@ impl TrainArgs {
         o
     }
 
-    /// Defaults, then the resumed run's config, the preset, the config file, the flags and `--set`.
-    fn build_config(&self) -> Result<TrainConfig, String> {
+    /// Defaults, then the resumed run's config, the preset, the kohya config, the config file, the flags and
+    /// `--set`; with the kohya settings that were not applied.
+    fn build_config(&self) -> Result<(TrainConfig, Vec<Skipped>), String> {
         let mut layers: Vec<(String, String)> = Vec::new();
         if let Some(dir) = &self.resume {
             let (_, saved) = crate::train::state::saved(dir).map_err(|e| e.to_string())?;
@@ -153,6 +159,12 @@ impl TrainArgs {
         if let Some(p) = &self.preset {
             let preset = presets::find(p).map_err(|e| e.0)?;
             layers.push((format!("preset {}", preset.name), preset.layer));
+        }
+        let mut skipped = Vec::new();
+        if let Some(path) = &self.kohya_config {
+            let imported = kohya::read(path).map_err(|e| e.0)?;
+            layers.push((format!("{} (kohya)", path.display()), imported.layer_text()));
+            skipped = imported.skipped;
         }
         if let Some(path) = &self.config {
             let text = crate::fsutil::admit::read_text(path, crate::fsutil::admit::TOML)
@@ -184,12 +196,15 @@ impl TrainArgs {
                 .collect();
             config.validate().map_err(|e| e.0)?;
         }
-        Ok(config)
+        Ok((config, skipped))
     }
 }
 
 pub fn run(args: &TrainArgs) -> Result<ExitCode, String> {
-    let config = args.build_config()?;
+    let (config, skipped) = args.build_config()?;
+    if args.kohya_config.is_some() {
+        eprint!("{}", super::config::not_applied(&skipped));
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     let engine = Engine::start(
         config,

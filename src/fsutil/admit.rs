@@ -25,6 +25,16 @@ pub const TOML: FileKind = FileKind {
     name: "a TOML settings file",
     max_bytes: 16 << 20,
 };
+/// A kohya_ss GUI config (JSON) or an sd-scripts `--config_file` (TOML) being imported: a few KB of settings.
+pub const KOHYA_CONFIG: FileKind = FileKind {
+    name: "a kohya_ss or sd-scripts config",
+    max_bytes: 16 << 20,
+};
+/// An sd-scripts sample prompt file (`--sample_prompts`): one prompt a line.
+pub const PROMPTS: FileKind = FileKind {
+    name: "a sample prompt file",
+    max_bytes: 1 << 20,
+};
 /// A diffusers `config.json`, `model_index.json`, a shard index or tokenizer vocabulary.
 pub const JSON: FileKind = FileKind {
     name: "a JSON config file",

@@ -10,6 +10,7 @@ pub mod failure;
 #[cfg(feature = "cuda")]
 pub mod graph;
 mod inputs;
+pub mod kohya;
 pub mod lr;
 pub mod optim;
 pub mod plan;

@@ -68,14 +68,23 @@ impl Preset {
     /// This preset chosen while `current` is being edited: the defaults, the preset, then `current`'s project
     /// settings (model, dataset, output, sample prompts). Whatever was chosen before, the result is the same.
     pub fn apply_to(&self, current: &TrainConfig) -> Result<TrainConfig, ConfigError> {
+        self.apply_with(current, &[])
+    }
+
+    /// `apply_to`, then `layers` over it (an imported kohya config).
+    pub fn apply_with(
+        &self,
+        current: &TrainConfig,
+        layers: &[(&str, &str)],
+    ) -> Result<TrainConfig, ConfigError> {
         let project = toml::to_string(&project_table(current)).expect("a TOML table serializes");
-        TrainConfig::build(
-            &[
-                (&format!("preset {}", self.name), &self.layer),
-                ("the project's settings", &project),
-            ],
-            &[],
-        )
+        let name = format!("preset {}", self.name);
+        let mut all = vec![
+            (name.as_str(), self.layer.as_str()),
+            ("the project's settings", project.as_str()),
+        ];
+        all.extend_from_slice(layers);
+        TrainConfig::build(&all, &[])
     }
 }
 
