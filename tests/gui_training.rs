@@ -381,11 +381,13 @@ fn the_first_start_opens_the_demo_project() {
     assert!(t.demo);
     assert_eq!(t.preset, "cpu-demo");
     assert_eq!(t.config.model.checkpoint, demo.join("model"));
-    assert_eq!(t.config.dataset.folder, demo.join("dataset"));
+    // The user's copy of the dataset, not the program's own files.
+    assert!(t.config.dataset.folder.ends_with("demo-dataset"));
+    assert!(t.config.dataset.folder.join("zkstar_01.txt").is_file());
     assert!(t.config.saving.output_dir.ends_with("demo-output"));
     assert_eq!(
         state.dataset.recent[0],
-        demo.join("dataset").to_string_lossy()
+        t.config.dataset.folder.to_string_lossy()
     );
     let mut h = harness(state);
     wait_for(&mut h, "the demo's plan", 60, |app| {
@@ -400,7 +402,7 @@ fn the_first_start_opens_the_demo_project() {
         .map(|p| p.plan.total_steps);
     // (The demo model may be half-written while it is being regenerated; then only its error shows.)
     if demo.join("model/model_index.json").is_file() {
-        assert_eq!(plan, Ok(150));
+        assert_eq!(plan, Ok(60));
     }
     assert!(h.query_by_label("Demo project").is_some());
     assert!(h.state_mut().training().model().is_some());

@@ -4,6 +4,7 @@
 mod dataset_jobs;
 mod dataset_tools;
 pub mod dataset_view;
+pub mod demo;
 pub mod kohya_import;
 mod past_runs;
 mod plan_view;
@@ -21,6 +22,7 @@ mod workers;
 use crate::dataset::BucketConfig;
 use crate::train::data::bucket_config;
 use dataset_view::{DatasetSettings, DatasetView};
+pub use demo::demo_dir;
 use samples_view::SamplesView;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -64,7 +66,8 @@ impl AppState {
         let Some(demo) = demo_dir() else {
             return AppState::default();
         };
-        let Ok(training) = TrainingSettings::demo(&demo) else {
+        let data_dir = demo::default_output_dir("");
+        let Ok(training) = TrainingSettings::demo(&demo, &data_dir) else {
             return AppState::default();
         };
         let mut state = AppState {
@@ -72,24 +75,12 @@ impl AppState {
             training,
             ..Default::default()
         };
-        let dataset = demo.join("dataset");
+        let dataset = state.training.config.dataset.folder.clone();
         if dataset.is_dir() {
             state.dataset.remember(&dataset);
         }
         state
     }
-}
-
-/// The demo project folder (`assets/demo`), next to the executable or in the source tree.
-pub fn demo_dir() -> Option<PathBuf> {
-    let beside_exe = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(|d| d.join("assets/demo")));
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/demo");
-    beside_exe
-        .into_iter()
-        .chain([source])
-        .find(|d| d.join("model").exists() && d.join("dataset").is_dir())
 }
 
 pub struct LoraStudioApp {
@@ -227,7 +218,7 @@ impl LoraStudioApp {
                         self.state.training.demo = false;
                         self.state.training.config.model.checkpoint = PathBuf::new();
                         self.state.training.config.saving.output_dir =
-                            training_view::default_output_dir("output");
+                            demo::default_output_dir("output");
                         self.state.workspace = Workspace::Dataset;
                     }
                 });

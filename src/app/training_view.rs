@@ -45,7 +45,7 @@ impl Default for TrainingSettings {
         let mut config = presets::find(DEFAULT_PRESET)
             .and_then(|p| p.config())
             .unwrap_or_default();
-        config.saving.output_dir = default_output_dir("output");
+        config.saving.output_dir = super::demo::default_output_dir("output");
         TrainingSettings {
             config,
             preset: DEFAULT_PRESET.into(),
@@ -73,43 +73,6 @@ impl TrainingSettings {
         self.output_dirs.insert(0, dir.to_owned());
         self.output_dirs.truncate(RECENT_MAX);
     }
-
-    /// The demo project: its model and dataset, the `cpu-demo` preset, the project's own settings from its
-    /// `demo.toml` (output name, sample prompts) and an output folder in the user's data folder. `demo` is the
-    /// demo project folder. The config is what choosing the preset in the window gives too.
-    pub fn demo(demo: &Path) -> Result<Self, String> {
-        let preset = presets::find("cpu-demo").map_err(|e| e.0)?;
-        let layer_path = demo.join("demo.toml");
-        let layer = std::fs::read_to_string(&layer_path).unwrap_or_default();
-        let mut project = TrainConfig::build(&[(&layer_path.display().to_string(), &layer)], &[])
-            .map_err(|e| e.0)?;
-        project.model.checkpoint = demo.join("model");
-        project.dataset.folder = demo.join("dataset");
-        project.saving.output_dir = default_output_dir("demo-output");
-        if project.saving.output_name == TrainConfig::default().saving.output_name {
-            project.saving.output_name = "demo-lora".into();
-        }
-        let config = preset.apply_to(&project).map_err(|e| e.0)?;
-        let mut s = TrainingSettings {
-            config,
-            preset: "cpu-demo".into(),
-            recent_models: Vec::new(),
-            demo: true,
-            output_dirs: Vec::new(),
-        };
-        s.remember_model(&demo.join("model"));
-        Ok(s)
-    }
-}
-
-/// `~/.local/share/lora-studio/NAME` (the platform's data folder), else `~/lora-studio/NAME`.
-pub fn default_output_dir(name: &str) -> PathBuf {
-    directories::ProjectDirs::from("", "", "lora-studio")
-        .map(|d| d.data_dir().join(name))
-        .or_else(|| {
-            directories::UserDirs::new().map(|u| u.home_dir().join("lora-studio").join(name))
-        })
-        .unwrap_or_else(|| PathBuf::from(name))
 }
 
 mod config_as_toml {
@@ -1065,26 +1028,5 @@ mod tests {
         let back: TrainingSettings = serde_json::from_str(&broken).unwrap();
         assert_eq!(back.config, TrainingSettings::default().config);
         assert_eq!(back.recent_models, s.recent_models, "the rest survives");
-    }
-
-    #[test]
-    fn the_demo_project_is_the_cpu_preset_with_its_project_settings() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("demo.toml"),
-            "[saving]\noutput_name = \"d\"\n[[sampling.prompts]]\nprompt = \"zk\"\n",
-        )
-        .unwrap();
-        let s = TrainingSettings::demo(dir.path()).unwrap();
-        assert!(s.demo);
-        assert_eq!(s.preset, "cpu-demo");
-        let preset = presets::find("cpu-demo").unwrap().config().unwrap();
-        assert_eq!(s.config.training.steps, preset.training.steps);
-        assert_eq!(s.config.optimizer.lr, preset.optimizer.lr);
-        assert_eq!(s.config.dataset.resolution, 64, "from the preset");
-        assert_eq!(s.config.sampling.prompts[0].prompt, "zk");
-        assert_eq!(s.config.saving.output_name, "d");
-        assert_eq!(s.config.model.checkpoint, dir.path().join("model"));
-        assert!(s.config.saving.output_dir.ends_with("demo-output"));
     }
 }

@@ -258,15 +258,16 @@ fn learning_rates_decide_what_is_trained_as_kohya_does() {
     let c = over_preset(&parse(toml, Path::new("c.toml")).unwrap());
     assert!(c.training.train_text_encoder);
     assert_eq!(c.optimizer.lr_text_encoder, 1e-4);
-    // A text-encoder rate above our range is listed and the text encoder left untrained.
     // The GUI trains the text encoder alone when only its rate is set; we train the UNet anyway.
     let i = small("\"learning_rate\": 1e-4, \"text_encoder_lr\": 5e-5").unwrap();
     assert_eq!(keys(&i), ["text_encoder_lr"]);
     assert!(i.skipped[0].why.contains("always trains the UNet"));
+    // Prodigy's rates of 1 for both networks apply.
     let i = small("\"unet_lr\": 1.0, \"text_encoder_lr\": 1.0").unwrap();
-    assert!(!over_preset(&i).training.train_text_encoder);
-    assert_eq!(keys(&i), ["text_encoder_lr"]);
-    assert!(i.skipped[0].why.contains("not trained"));
+    let c = over_preset(&i);
+    assert!(c.training.train_text_encoder);
+    assert_eq!((c.optimizer.lr, c.optimizer.lr_text_encoder), (1.0, 1.0));
+    assert!(keys(&i).is_empty(), "{:?}", keys(&i));
 }
 
 #[test]
