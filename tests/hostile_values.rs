@@ -209,6 +209,11 @@ fn billions_of_repeats_or_steps_are_refused_naming_the_folder() {
     let o = train(&data, &out, &[]);
     refused(&o, &["4000000000_zk", "at most 10000"]);
     assert!(!out.exists());
+    // Beyond u32 and u64 the message still shows the folder's own number.
+    let data = dir.path().join("huge");
+    dataset(&data.join("99999999999999999999999_zk"), 1);
+    let o = run(&["dataset", "check", s(&data)]);
+    refused(&o, &["asks for 99999999999999999999999 repeats"]);
     // The project file.
     let data = dir.path().join("project");
     dataset(&data.join("cats"), 2);

@@ -207,7 +207,7 @@ impl LoraStudioApp {
                 ui.horizontal(|ui| {
                     ui.label(egui::RichText::new("Demo project").strong());
                     ui.label(
-                        "A tiny model and dataset that train on any CPU in a minute or two. Press Start training \
+                        "A tiny model and dataset that train on any CPU in under a minute. Press Start training \
                          to see the whole workflow.",
                     );
                     if ui

@@ -224,6 +224,14 @@ impl SamplesView {
                             && let Some(p) = shown.prompts.first()
                         {
                             self.try_lora.settings.prompt = p.clone();
+                            // At the size the run's samples were drawn (the demo model draws 64 px only).
+                            let first =
+                                shown.baseline.values().chain(shown.samples.values()).next();
+                            if let Some(image) = first {
+                                let [w, h] = image.texture.size();
+                                (self.try_lora.settings.width, self.try_lora.settings.height) =
+                                    (w as u32, h as u32);
+                            }
                         }
                         if self.try_lora.settings.lora.as_os_str().is_empty()
                             && let Some((_, l)) = shown.loras.last()

@@ -69,7 +69,7 @@ pub enum ScanError {
         folder.display(),
         super::project::MAX_REPEATS
     )]
-    TooManyRepeats { folder: PathBuf, repeats: u64 },
+    TooManyRepeats { folder: PathBuf, repeats: String },
     #[error("the scan was cancelled")]
     Cancelled,
 }
@@ -113,10 +113,11 @@ pub fn scan(root: &Path, cancel: &AtomicBool) -> Result<Scan, ScanError> {
         .iter()
         .find(|f| u64::from(f.repeats.count) > super::project::MAX_REPEATS)
     {
-        return Err(ScanError::TooManyRepeats {
-            folder: root.join(&f.name),
-            repeats: u64::from(f.repeats.count),
-        });
+        // The number as the folder name writes it: beyond u32 the count itself saturates.
+        let folder = root.join(&f.name);
+        let name = folder.file_name().unwrap_or_default().to_string_lossy();
+        let repeats = name.split_once('_').map_or(&*name, |(n, _)| n).to_owned();
+        return Err(ScanError::TooManyRepeats { folder, repeats });
     }
     Ok(Scan {
         root: root.to_owned(),
