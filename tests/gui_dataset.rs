@@ -6,7 +6,7 @@ use common::gui::{harness, wait_for};
 
 use egui::accesskit::Role;
 use egui_kittest::Harness;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use lora_studio::app::{AppState, LoraStudioApp};
 use std::time::Duration;
 
@@ -160,4 +160,32 @@ fn snapshots_of_the_dataset_workspace() {
     h.snapshot("dataset_buckets");
     drop(dir);
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Repeats the project file admits (up to 10,000) show as they are: the folder's spinner does not clamp them to a
+/// narrower range and write that back to the project file.
+#[test]
+fn a_folders_large_repeat_count_is_shown_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a.png", "b.png"] {
+        let p = dir.path().join("cats").join(name);
+        common::write_png(&p, 64, 64, 1);
+        common::caption(&p, b"cat");
+    }
+    let project = dir.path().join("lora-studio.toml");
+    let text = "schema = 1\ncaption_extension = \".txt\"\n\n[repeats]\ncats = 5000\n";
+    std::fs::write(&project, text).unwrap();
+    let mut h = harness(AppState::default());
+    h.run_steps(4);
+    let field = h.get_by_role_and_label(Role::TextInput, "Dataset folder");
+    field.focus();
+    field.type_text(&dir.path().to_string_lossy());
+    h.run_steps(4);
+    h.get_by_label("Open").click();
+    settle(&mut h);
+    h.get_by_label("Buckets").click();
+    h.run_steps(6);
+    let spinner = h.get_by_role_and_label(Role::SpinButton, "Repeats of cats");
+    assert_eq!(spinner.accesskit_node().numeric_value(), Some(5000.0));
+    assert_eq!(std::fs::read_to_string(&project).unwrap(), text);
 }

@@ -5,6 +5,7 @@ use super::dataset_jobs::Pick;
 use super::dataset_view::{DatasetSettings, DatasetView, ToolTab};
 use super::widgets::{labeled_drag, labeled_text};
 use crate::dataset::edit::{BulkOp, apply_bulk};
+use crate::dataset::project::MAX_REPEATS;
 use crate::dataset::validate::Severity;
 use crate::dataset::{BucketConfig, Buckets};
 use egui::Ui;
@@ -300,7 +301,7 @@ impl DatasetView {
                     let mut n = f.repeats.count;
                     let l2 = ui.label("×");
                     let resp = ui
-                        .add(egui::DragValue::new(&mut n).range(1..=1000))
+                        .add(egui::DragValue::new(&mut n).range(1..=MAX_REPEATS as u32))
                         .labelled_by(l2.id);
                     super::widgets::name_widget(
                         &resp,
