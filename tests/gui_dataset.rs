@@ -17,6 +17,15 @@ fn settle(h: &mut Harness<'static, LoraStudioApp>) {
     });
 }
 
+/// Types `path` into the Dataset folder field and presses Open.
+fn open_folder(h: &mut Harness<'static, LoraStudioApp>, path: &str) {
+    let field = h.get_by_role_and_label(Role::TextInput, "Dataset folder");
+    field.focus();
+    field.type_text(path);
+    h.run_steps(4);
+    h.get_by_label("Open").click();
+}
+
 fn small_dataset(root: &std::path::Path) {
     for (i, name) in ["a.png", "b.png", "c.png"].iter().enumerate() {
         let p = root.join("3_cat").join(name);
@@ -34,11 +43,7 @@ fn open_by_typed_path_edit_caption_and_bulk_trigger() {
     let mut h = harness(AppState::default());
     h.run_steps(4);
 
-    let field = h.get_by_role_and_label(Role::TextInput, "Dataset folder");
-    field.focus();
-    field.type_text(&dir.path().to_string_lossy());
-    h.run_steps(4);
-    h.get_by_label("Open").click();
+    open_folder(&mut h, &dir.path().to_string_lossy());
     settle(&mut h);
     assert_eq!(h.state_mut().dataset().report().unwrap().images, 3);
     assert_eq!(
@@ -102,11 +107,7 @@ fn open_by_typed_path_edit_caption_and_bulk_trigger() {
 #[test]
 fn a_wrong_path_is_explained_and_the_last_dataset_reopens() {
     let mut h = harness(AppState::default());
-    let field = h.get_by_role_and_label(Role::TextInput, "Dataset folder");
-    field.focus();
-    field.type_text("/no/such/dataset");
-    h.run_steps(4);
-    h.get_by_label("Open").click();
+    open_folder(&mut h, "/no/such/dataset");
     wait_for(&mut h, "the error", 60, |app| {
         app.dataset().error().is_some()
     });
@@ -177,11 +178,7 @@ fn a_folders_large_repeat_count_is_shown_and_kept() {
     std::fs::write(&project, text).unwrap();
     let mut h = harness(AppState::default());
     h.run_steps(4);
-    let field = h.get_by_role_and_label(Role::TextInput, "Dataset folder");
-    field.focus();
-    field.type_text(&dir.path().to_string_lossy());
-    h.run_steps(4);
-    h.get_by_label("Open").click();
+    open_folder(&mut h, &dir.path().to_string_lossy());
     settle(&mut h);
     h.get_by_label("Buckets").click();
     h.run_steps(6);

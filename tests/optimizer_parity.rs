@@ -82,13 +82,7 @@ fn run(r: &Reference, name: &str) -> Vec<(usize, usize, f32)> {
     );
     let mut errors = Vec::new();
     for k in 0..r.steps {
-        // Σ p ⊙ g has exactly g as the gradient of each p.
-        let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
-        for (i, v) in vars.iter().enumerate() {
-            let g = &r.tensors[&format!("g.{k}.{i}")];
-            loss = (loss + (v.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
-        }
-        let norm = opt.step(&loss.backward().unwrap(), 1.0, 0.0, 1.0).unwrap();
+        let norm = step(r, &vars, &mut opt, k, 0.0);
         assert!(norm.is_finite());
         if !r.kept.contains(&k) {
             continue;
@@ -106,6 +100,18 @@ fn run(r: &Reference, name: &str) -> Vec<(usize, usize, f32)> {
         }
     }
     errors
+}
+
+/// One step of `opt` with the fixture's gradients of step `k` (clipped to `max_norm`; 0 = off); the norm.
+fn step(r: &Reference, vars: &[Var], opt: &mut Optimizer, k: usize, max_norm: f64) -> f64 {
+    // Σ p ⊙ g has exactly g as the gradient of each p.
+    let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let g = &r.tensors[&format!("g.{k}.{i}")];
+        loss = (loss + (v.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
+    }
+    opt.step(&loss.backward().unwrap(), 1.0, max_norm, 1.0)
+        .unwrap()
 }
 
 fn max_abs(t: &Tensor) -> f32 {
@@ -184,17 +190,9 @@ fn prodigy_and_8bit_state_round_trip() {
                 Optimizer::new(kind, OptimizerParams::default(), vec![group]),
             )
         };
-        let step = |vars: &[Var], opt: &mut Optimizer, k: usize| {
-            let mut loss = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
-            for (i, v) in vars.iter().enumerate() {
-                let g = &r.tensors[&format!("g.{k}.{i}")];
-                loss = (loss + (v.as_tensor() * g).unwrap().sum_all().unwrap()).unwrap();
-            }
-            opt.step(&loss.backward().unwrap(), 1.0, 1.0, 1.0).unwrap();
-        };
         let (a_vars, mut a) = make();
         for k in 0..3 {
-            step(&a_vars, &mut a, k);
+            step(&r, &a_vars, &mut a, k, 1.0);
         }
         let (state, steps) = a.state_tensors().unwrap();
         let (b_vars, mut b) = make();
@@ -203,8 +201,8 @@ fn prodigy_and_8bit_state_round_trip() {
         }
         b.load_state(&state, steps).unwrap();
         for k in 3..6 {
-            step(&a_vars, &mut a, k);
-            step(&b_vars, &mut b, k);
+            step(&r, &a_vars, &mut a, k, 1.0);
+            step(&r, &b_vars, &mut b, k, 1.0);
         }
         for (va, vb) in a_vars.iter().zip(&b_vars) {
             let diff = max_abs(&(va.as_tensor() - vb.as_tensor()).unwrap());

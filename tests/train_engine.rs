@@ -281,35 +281,42 @@ fn resume_gives_the_same_adapter_as_an_uninterrupted_run() {
         (7, false)
     );
     let parts = dir.path().join("parts");
-    let first = run(
-        config(&data, &parts, 7, &extra),
-        StartOptions {
-            stop_after: Some(3),
-            ..Default::default()
-        },
-    );
-    assert_eq!(finished(&first), (3, true));
-    let second = run(
-        config(&data, &parts, 7, &extra),
-        StartOptions {
-            resume: Some(parts.join("state")),
-            ..Default::default()
-        },
-    );
-    assert_eq!(finished(&second), (7, false));
+    let second = stopped_and_resumed(&config(&data, &parts, 7, &extra), 3);
     let first_step = second.iter().find_map(|e| match e {
         Event::Progress(s) => Some(s.step),
         _ => None,
     });
     assert_eq!(first_step, Some(4), "the resumed run continues at step 4");
+    assert_same_lora(&whole, &parts, "resumed");
+}
+
+/// Runs `config` stopped after `stop_at` steps, then resumed from its state to its end; the resumed run's events.
+fn stopped_and_resumed(config: &TrainConfig, stop_at: u64) -> Vec<Event> {
+    let stop = StartOptions {
+        stop_after: Some(stop_at),
+        ..Default::default()
+    };
+    assert_eq!(finished(&run(config.clone(), stop)), (stop_at, true));
+    let resume = StartOptions {
+        resume: Some(config.saving.output_dir.join("state")),
+        ..Default::default()
+    };
+    let events = run(config.clone(), resume);
+    assert_eq!(finished(&events), (config.training.steps, false));
+    events
+}
+
+/// The LoRA `t.safetensors` in `a` and in `b` hold the same tensors (to 1e-6); `what` names the case.
+fn assert_same_lora(a: &Path, b: &Path, what: &str) -> HashMap<String, Tensor> {
     let (a, b) = (
-        tensors(&whole.join("t.safetensors")),
-        tensors(&parts.join("t.safetensors")),
+        tensors(&a.join("t.safetensors")),
+        tensors(&b.join("t.safetensors")),
     );
     for (name, t) in &a {
         let d = max_diff(t, &b[name]);
-        assert!(d <= 1e-6, "{name} differs by {d}");
+        assert!(d <= 1e-6, "{what}: {name} differs by {d}");
     }
+    a
 }
 
 /// The optimizers users pick train the adapters and resume exactly: a run stopped at step 2 and resumed ends with
@@ -331,40 +338,18 @@ fn every_optimizer_trains_and_resumes_exactly() {
         let whole = dir.path().join("whole");
         let events = run(config(&data, &whole, 4, &extra), StartOptions::default());
         assert_eq!(finished(&events), (4, false), "{kind}");
-        let parts = dir.path().join("parts");
-        let first = run(
-            config(&data, &parts, 4, &extra),
-            StartOptions {
-                stop_after: Some(2),
-                ..Default::default()
-            },
-        );
-        assert_eq!(finished(&first), (2, true), "{kind}");
-        let state = tensors(&parts.join("state").join("optimizer.safetensors"));
         if kind == "adamw_8bit" {
+            let state = tensors(&whole.join("state").join("optimizer.safetensors"));
             assert!(
                 state.values().any(|t| t.dtype() == DType::U8),
                 "no 8-bit moments in the state"
             );
         }
-        let resumed = StartOptions {
-            resume: Some(parts.join("state")),
-            ..Default::default()
-        };
-        assert_eq!(
-            finished(&run(config(&data, &parts, 4, &extra), resumed)),
-            (4, false)
-        );
-        let (a, b) = (
-            tensors(&whole.join("t.safetensors")),
-            tensors(&parts.join("t.safetensors")),
-        );
+        let parts = dir.path().join("parts");
+        stopped_and_resumed(&config(&data, &parts, 4, &extra), 2);
+        let a = assert_same_lora(&whole, &parts, kind);
         let mut moved = 0;
         for (name, t) in &a {
-            assert!(
-                max_diff(t, &b[name]) <= 1e-6,
-                "{kind}: {name} resumed differently"
-            );
             moved += usize::from(
                 name.ends_with("lora_up.weight") && max_diff(t, &t.zeros_like().unwrap()) > 0.0,
             );
@@ -435,30 +420,8 @@ fn regularization_images_double_the_epoch_and_resume_exactly() {
         }
     }
     let parts = dir.path().join("parts");
-    let stop = StartOptions {
-        stop_after: Some(3),
-        ..Default::default()
-    };
-    assert_eq!(
-        finished(&run(config(&data, &parts, 4, &extra), stop)),
-        (3, true)
-    );
-    let resume = StartOptions {
-        resume: Some(parts.join("state")),
-        ..Default::default()
-    };
-    assert_eq!(
-        finished(&run(config(&data, &parts, 4, &extra), resume)),
-        (4, false)
-    );
-    let (a, b) = (
-        tensors(&whole.join("t.safetensors")),
-        tensors(&parts.join("t.safetensors")),
-    );
-    for (name, t) in &a {
-        let d = max_diff(t, &b[name]);
-        assert!(d <= 1e-6, "{name} differs by {d}");
-    }
+    stopped_and_resumed(&config(&data, &parts, 4, &extra), 3);
+    assert_same_lora(&whole, &parts, "regularization");
     let bytes = std::fs::read(whole.join("t.safetensors")).unwrap();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
